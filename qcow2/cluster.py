@@ -1,0 +1,224 @@
+"""Guest-to-host cluster mapping (the read side of cluster management).
+
+Theory of operation
+-------------------
+A guest offset splits into an L1 index, an L2 index and an offset inside the cluster.  The L1 table
+is held in memory as an ``array('Q')``; L2 tables are fetched through the :class:`L2Cache`, which
+decodes each table in one bulk call.  :meth:`Mapping.segments` walks a guest range and returns
+*segments*: maximal pieces of one kind whose host bytes are contiguous, so that a reader issues one
+``preadv`` per contiguous host run, whatever the cluster size.
+
+Kinds of segment (``Segment.kind``):
+
+``UNALLOCATED``  nothing here: read from the backing file, or zeros.  ``host`` is the host offset when
+                 the cluster is allocated but this subcluster is not (extended L2), else -1.
+``ZERO``         reads as zeros (zero flag, or extended-L2 zero bits).  ``host`` as above.
+``DATA``         plain data at ``host`` (in the external data file when there is one).
+``COMPRESSED``   one whole compressed cluster; ``host`` is the raw L2 descriptor.
+
+With extended L2 entries a cluster is 32 subclusters, each of which is one of the first three kinds;
+a compressed cluster has no subclusters.  Every host offset and descriptor read from the image is
+validated before use: an unaligned L2 table or data cluster, a reserved/illegal bitmap, or a
+compressed cluster in an image with an external data file raises ``CorruptImageError`` naming it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable, NamedTuple
+
+from .constants import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
+                        QCOW_OFLAG_ZERO, SUBCLUSTERS_PER_CLUSTER)
+from .errors import CorruptImageError
+from .tables import decode_u64_table
+
+UNALLOCATED, ZERO, DATA, COMPRESSED = range(4)
+KIND_NAMES = ("unallocated", "zero", "data", "compressed")
+
+
+class Segment(NamedTuple):
+    """A guest range of one kind; ``host`` as described in the module docstring."""
+
+    kind: int
+    guest_offset: int
+    length: int
+    host: int
+
+
+class L2Cache:
+    """LRU cache of decoded L2 tables keyed by host offset.
+
+    ``load(host_offset)`` returns an ``array('Q')`` of raw entries (two words per entry with extended
+    L2).  Capacity is in bytes of decoded tables.  Thread-safe.  O(1) per hit.
+    """
+
+    def __init__(self, read: Callable[[int, int], bytes], table_size: int, capacity: int):
+        self._read = read
+        self._table_size = table_size
+        self._max_tables = max(1, capacity // table_size)
+        self._tables: OrderedDict[int, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def load(self, host_offset: int):
+        with self._lock:
+            table = self._tables.get(host_offset)
+            if table is not None:
+                self._tables.move_to_end(host_offset)
+                return table
+        table = decode_u64_table(self._read(self._table_size, host_offset))
+        with self._lock:
+            self._tables[host_offset] = table
+            if len(self._tables) > self._max_tables:
+                self._tables.popitem(last=False)
+        return table
+
+    def invalidate(self, host_offset: int | None = None) -> None:
+        """Forget one table (or all of them)."""
+        with self._lock:
+            if host_offset is None:
+                self._tables.clear()
+            else:
+                self._tables.pop(host_offset, None)
+
+
+class Mapping:
+    """Maps guest ranges of one L1 table (the active one or a snapshot's) to segments."""
+
+    def __init__(self, *, l1, size: int, cluster_bits: int, extended_l2: bool,
+                 has_data_file: bool, l2_cache: L2Cache):
+        self.l1 = l1
+        self.size = size
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.extended_l2 = extended_l2
+        self.has_data_file = has_data_file
+        self.l2_cache = l2_cache
+        entry_size = 16 if extended_l2 else 8
+        self.l2_bits = cluster_bits - (4 if extended_l2 else 3)
+        self.l2_entries = self.cluster_size // entry_size
+        self.subcluster_bits = cluster_bits - 5 if extended_l2 else cluster_bits
+
+    # -- lookups ---------------------------------------------------------------------------------
+    def l2_table_offset(self, l1_index: int) -> int:
+        """Host offset of the L2 table for ``l1_index`` (0 if unallocated), validated."""
+        if l1_index >= len(self.l1):
+            return 0
+        l2_offset = self.l1[l1_index] & L1E_OFFSET_MASK
+        if l2_offset & (self.cluster_size - 1):
+            raise CorruptImageError(
+                f"L2 table offset 0x{l2_offset:x} unaligned (L1 index: 0x{l1_index:x})")
+        return l2_offset
+
+    def segments(self, guest_offset: int, length: int) -> list[Segment]:
+        """Split ``[guest_offset, guest_offset+length)`` into merged segments.
+
+        Costs O(clusters in the range) Python steps plus one L2 cache lookup per L2 table touched.
+        The caller has checked the range against the virtual size.
+        """
+        out: list[Segment] = []
+        end = guest_offset + length
+        cluster_bits = self.cluster_bits
+        cluster_size = self.cluster_size
+        l2_entries = self.l2_entries
+        pos = guest_offset
+        while pos < end:
+            cluster_index = pos >> cluster_bits
+            l1_index, l2_index = divmod(cluster_index, l2_entries)
+            l2_offset = self.l2_table_offset(l1_index)
+            table_end = min(end, ((l1_index + 1) * l2_entries) << cluster_bits)
+            if not l2_offset:
+                _append(out, UNALLOCATED, pos, table_end - pos, -1)
+                pos = table_end
+                continue
+            table = self.l2_cache.load(l2_offset)
+            while pos < table_end:
+                in_cluster = pos & (cluster_size - 1)
+                n = min(table_end - pos, cluster_size - in_cluster)
+                if self.extended_l2:
+                    self._extended(out, table, l2_offset, l2_index, pos, in_cluster, n)
+                else:
+                    self._standard(out, table[l2_index], l2_offset, l2_index, pos, in_cluster, n)
+                pos += n
+                l2_index += 1
+        return out
+
+    def _standard(self, out, entry, l2_offset, l2_index, pos, in_cluster, n):
+        if entry & QCOW_OFLAG_COMPRESSED:
+            if self.has_data_file:
+                raise CorruptImageError(
+                    f"Compressed cluster in an image with an external data file "
+                    f"(L2 offset: 0x{l2_offset:x}, L2 index: 0x{l2_index:x})")
+            out.append(Segment(COMPRESSED, pos, n, entry))
+            return
+        host = entry & L2E_OFFSET_MASK
+        if host & (self.cluster_size - 1):
+            raise CorruptImageError(
+                f"Cluster allocation offset 0x{host:x} unaligned "
+                f"(L2 offset: 0x{l2_offset:x}, L2 index: 0x{l2_index:x})")
+        allocated = host != 0 or (self.has_data_file and entry & QCOW_OFLAG_COPIED)
+        if entry & QCOW_OFLAG_ZERO:
+            _append(out, ZERO, pos, n, host + in_cluster if allocated else -1)
+        elif allocated:
+            _append(out, DATA, pos, n, host + in_cluster)
+        else:
+            _append(out, UNALLOCATED, pos, n, -1)
+
+    def _extended(self, out, table, l2_offset, l2_index, pos, in_cluster, n):
+        entry = table[2 * l2_index]
+        bitmap = table[2 * l2_index + 1]
+        if entry & QCOW_OFLAG_COMPRESSED:
+            if bitmap or self.has_data_file:
+                raise CorruptImageError(
+                    f"Invalid compressed cluster entry (L2 offset: 0x{l2_offset:x}, "
+                    f"L2 index: 0x{l2_index:x}, bitmap: 0x{bitmap:x})")
+            out.append(Segment(COMPRESSED, pos, n, entry))
+            return
+        host = entry & L2E_OFFSET_MASK
+        if host & (self.cluster_size - 1):
+            raise CorruptImageError(
+                f"Cluster allocation offset 0x{host:x} unaligned "
+                f"(L2 offset: 0x{l2_offset:x}, L2 index: 0x{l2_index:x})")
+        alloc_mask = bitmap & 0xFFFFFFFF
+        zero_mask = bitmap >> 32
+        if alloc_mask & zero_mask:
+            raise CorruptImageError(
+                f"Invalid subcluster bitmap 0x{bitmap:x} (L2 offset: 0x{l2_offset:x}, "
+                f"L2 index: 0x{l2_index:x}): subclusters both allocated and zero")
+        allocated = host != 0 or (self.has_data_file and entry & QCOW_OFLAG_COPIED)
+        if not allocated and alloc_mask:
+            raise CorruptImageError(
+                f"Invalid subcluster bitmap 0x{bitmap:x} for an unallocated cluster "
+                f"(L2 offset: 0x{l2_offset:x}, L2 index: 0x{l2_index:x})")
+        sc_bits = self.subcluster_bits
+        off = in_cluster
+        stop = in_cluster + n
+        base = pos - in_cluster
+        while off < stop:
+            sc = off >> sc_bits
+            bit = 1 << sc
+            # extend over following subclusters of the same kind
+            if alloc_mask & bit:
+                kind, same = DATA, alloc_mask
+            elif zero_mask & bit:
+                kind, same = ZERO, zero_mask
+            else:
+                kind, same = UNALLOCATED, ~(alloc_mask | zero_mask)
+            last = sc
+            while last + 1 < SUBCLUSTERS_PER_CLUSTER and same & (1 << (last + 1)):
+                last += 1
+            piece_end = min(stop, (last + 1) << sc_bits)
+            _append(out, kind, base + off, piece_end - off, host + off if allocated else -1)
+            off = piece_end
+
+
+def _append(out: list[Segment], kind: int, guest_offset: int, length: int, host: int) -> None:
+    """Append a segment, merging it into the previous one when kinds and host runs continue."""
+    if out:
+        last = out[-1]
+        if (last.kind == kind and last.kind != COMPRESSED
+                and last.guest_offset + last.length == guest_offset
+                and (host == last.host + last.length if last.host >= 0 else host < 0)):
+            out[-1] = Segment(kind, last.guest_offset, last.length + length, last.host)
+            return
+    out.append(Segment(kind, guest_offset, length, host))

@@ -1,0 +1,504 @@
+"""The public :class:`Image` object and the read path.
+
+Theory of operation
+-------------------
+Opening an image reads cluster 0 once (the header codec validates it against QEMU's limits), the
+active L1 table (one read, decoded in bulk), the snapshot table and the backing chain.  Nothing else
+is read at open: L2 tables are loaded on demand through :class:`~qcow2.cluster.L2Cache`.
+
+A read splits the guest range into segments (:meth:`~qcow2.cluster.Mapping.segments`); each
+contiguous host run is read with one ``preadv`` straight into the caller's buffer, zero segments
+are filled in place, compressed clusters are expanded (the last one is cached, as sequential readers
+touch it repeatedly), and unallocated segments are delegated to the backing device (zeros past its
+end).  Internal snapshots are read through :class:`SnapshotView`, the same reader over the
+snapshot's L1 table.
+
+``map`` composes the per-layer block status down the backing chain and merges adjacent extents, the
+way ``qemu-img map`` presents them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+from . import constants as C
+from .cluster import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Cache, Mapping
+from .compress import decompress_cluster
+from .events import EventEmitter, Subscriber
+from .errors import BackingError, CorruptImageError, FormatError, Qcow2Error, RequestError
+from .header import decode_header
+from .overlap_types import parse_overlap_check
+from .snapshot import SnapshotEntry, decode_snapshot_table
+from .storage import Storage
+from .tables import decode_compressed, decode_u64_table
+
+DEFAULT_L2_CACHE_SIZE = 32 * 1024 * 1024
+_ZEROS = bytes(1 << 20)
+_SNAPSHOT_FIXED_SIZE = 40
+
+
+class Status(NamedTuple):
+    """Block status of one layer for ``length`` bytes (qemu's BDRV_BLOCK_* flags, in words)."""
+
+    length: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One entry of :meth:`Image.map`, with ``qemu-img map --output=json``'s fields."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None = None
+
+    def to_json(self) -> dict:
+        """The dict qemu-img map prints for this extent (``offset`` only when known)."""
+        d = {"start": self.start, "length": self.length, "depth": self.depth,
+             "present": self.present, "zero": self.zero, "data": self.data}
+        if self.offset is not None:
+            d["offset"] = self.offset
+        return d
+
+
+def _fill_zeros(view: memoryview) -> None:
+    for pos in range(0, len(view), len(_ZEROS)):
+        n = min(len(_ZEROS), len(view) - pos)
+        view[pos:pos + n] = _ZEROS[:n]
+
+
+def _check_request(offset: int, length: int, size: int) -> None:
+    if offset < 0 or length < 0:
+        raise RequestError(f"Invalid request: offset {offset}, length {length}")
+    if offset + length > size:
+        raise RequestError(f"Request past end of image: offset 0x{offset:x} length 0x{length:x} "
+                           f"(image size 0x{size:x})")
+
+
+class _Device:
+    """What every layer of a backing chain offers: size, reads and block status."""
+
+    filename: str
+    format: str
+    size: int
+    backing: "_Device | None" = None
+
+    def readinto(self, buf, offset: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def block_status(self, offset: int, length: int) -> list[Status]:  # pragma: no cover
+        raise NotImplementedError
+
+    def pread(self, length: int, offset: int) -> bytes:
+        """Return ``length`` guest bytes at ``offset``.  Raises ``RequestError`` past the end."""
+        buf = bytearray(length)
+        self.readinto(buf, offset)
+        return bytes(buf)
+
+    def map(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        """Allocation map of ``[offset, offset+length)`` through the whole backing chain.
+
+        Adjacent extents with equal flags and contiguous host offsets are merged, as qemu-img map
+        merges them.  O(clusters in the range) per layer consulted.
+        """
+        if length is None:
+            length = max(0, self.size - offset)
+        _check_request(offset, length, self.size)
+        out: list[Extent] = []
+        for ext in _chain_status(self, offset, length, 0):
+            if out:
+                last = out[-1]
+                if (last.depth == ext.depth and last.present == ext.present
+                        and last.zero == ext.zero and last.data == ext.data
+                        and (last.offset is None) == (ext.offset is None)
+                        and (last.offset is None or last.offset + last.length == ext.offset)):
+                    out[-1] = Extent(last.start, last.length + ext.length, last.depth,
+                                     last.present, last.zero, last.data, last.offset)
+                    continue
+            out.append(ext)
+        return out
+
+
+def _chain_status(dev: _Device, offset: int, length: int, depth: int) -> Iterator[Extent]:
+    pos = offset
+    for st in dev.block_status(offset, length):
+        if st.present:
+            yield Extent(pos, st.length, depth, True, st.zero, st.data, st.offset)
+        else:
+            below = dev.backing
+            covered = 0
+            if below is not None and pos < below.size:
+                covered = min(st.length, below.size - pos)
+                yield from _chain_status(below, pos, covered, depth + 1)
+            if covered < st.length:
+                yield Extent(pos + covered, st.length - covered, depth, False, True, False,
+                             None if st.offset is None else st.offset + covered)
+        pos += st.length
+
+
+class RawImage(_Device):
+    """A raw file used as a backing file (read-only)."""
+
+    format = "raw"
+
+    def __init__(self, path: str):
+        self.filename = path
+        self._file = Storage(path, what="backing file")
+        self.size = self._file.size
+
+    def readinto(self, buf, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        _check_request(offset, len(view), self.size)
+        self._file.readinto(view, offset)
+
+    def block_status(self, offset: int, length: int) -> list[Status]:
+        """Data vs holes from ``SEEK_DATA``/``SEEK_HOLE``; holes read as zeros."""
+        out: list[Status] = []
+        end = offset + length
+        pos = offset
+        fd = self._file.fd
+        while pos < end:
+            try:
+                data_start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole up to EOF
+                data_start = end
+            if data_start > pos:
+                n = min(data_start, end) - pos
+                out.append(Status(n, True, True, False, pos))
+                pos += n
+                continue
+            try:
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            n = min(hole, end) - pos
+            out.append(Status(n, True, False, True, pos))
+            pos += n
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _Qcow2Reader(_Device):
+    """The read path over one L1 table; shared by :class:`Image` and :class:`SnapshotView`."""
+
+    format = "qcow2"
+    _image: "Image"
+    _mapping: Mapping
+
+    def readinto(self, buf, offset: int) -> None:
+        """Read ``len(buf)`` guest bytes at ``offset`` into ``buf``; one ``preadv`` per host run."""
+        view = memoryview(buf).cast("B")
+        _check_request(offset, len(view), self.size)
+        img = self._image
+        for kind, guest_offset, n, host in self._mapping.segments(offset, len(view)):
+            dst = view[guest_offset - offset:guest_offset - offset + n]
+            if kind == DATA:
+                img._data.readinto(dst, host)
+            elif kind == ZERO:
+                _fill_zeros(dst)
+            elif kind == UNALLOCATED:
+                self._read_backing(dst, guest_offset)
+            else:
+                cluster = img._compressed_cluster(host)
+                start = guest_offset & (img.cluster_size - 1)
+                dst[:] = cluster[start:start + n]
+
+    def _read_backing(self, dst: memoryview, guest_offset: int) -> None:
+        backing = self.backing
+        covered = 0
+        if backing is not None and guest_offset < backing.size:
+            covered = min(len(dst), backing.size - guest_offset)
+            backing.readinto(dst[:covered], guest_offset)
+        _fill_zeros(dst[covered:])
+
+    def block_status(self, offset: int, length: int) -> list[Status]:
+        out = []
+        for kind, _, n, host in self._mapping.segments(offset, length):
+            if kind == DATA:
+                out.append(Status(n, True, False, True, host))
+            elif kind == ZERO:
+                out.append(Status(n, True, True, False, host if host >= 0 else None))
+            elif kind == COMPRESSED:
+                out.append(Status(n, True, False, True, None))
+            else:
+                out.append(Status(n, False, False, False, host if host >= 0 else None))
+        return out
+
+    def as_file(self) -> "ImageFile":
+        """A read-only, seekable ``io.RawIOBase`` view of the guest disk."""
+        return ImageFile(self)
+
+
+class Image(_Qcow2Reader):
+    """An open qcow2 image.  Use :func:`qcow2.open`; a context manager; safe across threads."""
+
+    def __init__(self, path: str, mode: str = "r", *, open_backing: bool = True,
+                 l2_cache_size: int = DEFAULT_L2_CACHE_SIZE, overlap_check="cached",
+                 overlap_mem: int | None = None, node_name: str | None = None,
+                 device: str | None = None, on_event: Subscriber | None = None,
+                 _chain: frozenset = frozenset()):
+        if mode not in ("r", "r+"):
+            raise RequestError(f"mode must be 'r' or 'r+', not {mode!r}")
+        if mode == "r+":
+            raise Qcow2Error("writing is not implemented yet; open with mode 'r'")
+        self.filename = path
+        self.mode = mode
+        self._image = self
+        self._closed = False
+        self._file = Storage(path, writable=False)
+        self._data = self._file
+        self.backing = None
+        self.device = device
+        self.node_name = node_name or _default_node_name(path)
+        self.events = EventEmitter(on_event)
+        try:
+            self._open(open_backing, l2_cache_size, _chain)
+            parse_overlap_check(overlap_check)  # a bad option fails the open, not the first write
+            self._guard_options = {"overlap_check": overlap_check, "budget": overlap_mem}
+            self._guard = None
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, open_backing: bool, l2_cache_size: int, chain: frozenset) -> None:
+        head = self._file.pread(min(self._file.size, 1 << C.MAX_CLUSTER_BITS), 0)
+        self.header = h = decode_header(head, no_io=not open_backing)
+        self.cluster_size = h.cluster_size
+        self.size = h.size
+        self._compressed_lock = threading.Lock()
+        self._last_compressed: tuple[int, bytes] | None = None
+        if h.data_file is not None and open_backing:
+            self.data_filename = _relative_to(self.filename, h.data_file)
+            self._data = Storage(self.data_filename, what="data file")
+        else:
+            self.data_filename = h.data_file
+        self._l2_cache = L2Cache(self._file.pread, h.cluster_size, l2_cache_size)
+        self.l1_table = decode_u64_table(self._file.pread(h.l1_size * 8, h.l1_table_offset))
+        self._mapping = self._make_mapping(self.l1_table, h.size)
+        self.snapshots: tuple[SnapshotEntry, ...] = self._read_snapshot_table()
+        if open_backing and h.backing_file is not None:
+            me = os.path.realpath(self.filename)
+            self.backing = _open_backing(self.filename, h.backing_file, h.backing_format,
+                                         chain | {me})
+
+    def _make_mapping(self, l1, size: int) -> Mapping:
+        h = self.header
+        return Mapping(l1=l1, size=size, cluster_bits=h.cluster_bits,
+                       extended_l2=h.extended_l2, has_data_file=h.has_data_file,
+                       l2_cache=self._l2_cache)
+
+    def _read_snapshot_table(self) -> tuple[SnapshotEntry, ...]:
+        """Read exactly the bytes of the snapshot table (walking entry headers), then decode."""
+        h = self.header
+        if not h.nb_snapshots:
+            return ()
+        limit = C.QCOW_MAX_SNAPSHOTS_SIZE
+        buf = bytearray()
+        pos = 0
+        for index in range(h.nb_snapshots):
+            need = pos + _SNAPSHOT_FIXED_SIZE
+            if need > limit:
+                raise FormatError("Snapshot table exceeds the maximum size")
+            if need > len(buf):
+                buf += self._file.pread(max(need - len(buf), 65536), h.snapshots_offset + len(buf))
+            id_len = int.from_bytes(buf[pos + 12:pos + 14], "big")
+            name_len = int.from_bytes(buf[pos + 14:pos + 16], "big")
+            extra_len = int.from_bytes(buf[pos + 36:pos + 40], "big")
+            if extra_len > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+                raise FormatError(f"Too much extra metadata in snapshot table entry {index}: "
+                                  f"extra_data_size {extra_len}")
+            pos = (need + extra_len + id_len + name_len + 7) & ~7
+        if pos > len(buf):
+            buf += self._file.pread(pos - len(buf), h.snapshots_offset + len(buf))
+        return decode_snapshot_table(bytes(buf[:pos]), h.nb_snapshots)
+
+    # -- compressed clusters -----------------------------------------------------------------------
+    def _compressed_cluster(self, descriptor: int) -> bytes:
+        last = self._last_compressed
+        if last is not None and last[0] == descriptor:
+            return last[1]
+        h = self.header
+        host_offset, csize = decode_compressed(descriptor, h.cluster_bits)
+        raw = self._file.pread(csize, host_offset)
+        data = decompress_cluster(raw, h.cluster_size, h.compression_type, host_offset)
+        self._last_compressed = (descriptor, data)
+        return data
+
+    # -- public API ----------------------------------------------------------------------------
+    @property
+    def guard(self):
+        """The :class:`~qcow2.guard.OverlapGuard` of this image, built from its metadata on first
+        use (a read-only image never writes, so it pays for the map only when asked)."""
+        if self._guard is None:
+            from .guard import OverlapGuard
+            from .metadata import iter_metadata
+            guard = OverlapGuard(
+                self.cluster_size, reference=self.device or self.node_name, events=self.events,
+                source=lambda types: iter_metadata(self, types), **self._guard_options)
+            guard.rebuild()
+            self._guard = guard
+        return self._guard
+
+    @property
+    def backing_filename(self) -> str | None:
+        """The backing file name as stored in the header (not resolved)."""
+        return self.header.backing_file
+
+    @property
+    def full_backing_filename(self) -> str | None:
+        """The backing file name resolved against the image's directory, as qemu-img shows it."""
+        name = self.header.backing_file
+        return None if name is None else _relative_to(self.filename, name)
+
+    @property
+    def actual_size(self) -> int:
+        """Bytes the image file occupies on the host (qemu-img info's actual-size)."""
+        return self._file.allocated_size()
+
+    def snapshot(self, name_or_id: str) -> "SnapshotView":
+        """A read-only view of an internal snapshot, found by id first, then by name."""
+        entry = self.find_snapshot(name_or_id)
+        return SnapshotView(self, entry)
+
+    def find_snapshot(self, name_or_id: str) -> SnapshotEntry:
+        for attr in ("id_str", "name"):
+            for entry in self.snapshots:
+                if getattr(entry, attr) == name_or_id:
+                    return entry
+        raise Qcow2Error(f"Can't find snapshot '{name_or_id}'")
+
+    def info(self, backing_chain: bool = False):
+        """``qemu-img info --output=json``'s dict (a list of dicts with ``backing_chain``)."""
+        from .info import image_info
+        return image_info(self, backing_chain=backing_chain)
+
+    def close(self) -> None:
+        """Close the image and its backing chain.  Idempotent."""
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        if self.backing is not None:
+            self.backing.close()
+        if self._data is not self._file:
+            self._data.close()
+        self._file.close()
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<qcow2.Image {self.filename!r} size={self.size} mode={self.mode!r}>"
+
+
+class SnapshotView(_Qcow2Reader):
+    """Read-only view of an internal snapshot: its L1 table over the image's files."""
+
+    def __init__(self, image: Image, entry: SnapshotEntry):
+        h = image.header
+        if entry.l1_size > C.QCOW_MAX_L1_SIZE // 8:
+            raise FormatError(f"Snapshot L1 table too large: l1_size {entry.l1_size}")
+        if entry.l1_table_offset & (h.cluster_size - 1) or \
+                entry.l1_table_offset + entry.l1_size * 8 > C.INT64_MAX:
+            raise FormatError(f"Snapshot L1 table offset invalid: 0x{entry.l1_table_offset:x}")
+        self.entry = entry
+        self._image = image
+        self.filename = image.filename
+        self.backing = image.backing
+        self.size = entry.disk_size if entry.disk_size is not None else image.size
+        l1 = decode_u64_table(image._file.pread(entry.l1_size * 8, entry.l1_table_offset))
+        self._mapping = image._make_mapping(l1, self.size)
+
+    def close(self) -> None:
+        """Views own nothing; closing the image closes them."""
+
+
+class ImageFile(io.RawIOBase):
+    """``io.RawIOBase`` over a reader (:class:`Image` or :class:`SnapshotView`): read/seek/tell."""
+
+    def __init__(self, reader: _Device):
+        self._reader = reader
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._reader.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        n = max(0, min(len(view), self._reader.size - self._pos))
+        self._reader.readinto(view[:n], self._pos)
+        self._pos += n
+        return n
+
+
+def _default_node_name(path: str) -> str:
+    """A deterministic node name for an image opened without one: its file name."""
+    return os.path.basename(path) or "qcow2"
+
+
+def _relative_to(image_path: str, name: str) -> str:
+    """Resolve a name stored in an image (backing or data file) as QEMU does: relative to it."""
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(image_path), name)
+
+
+def _open_backing(image_path: str, name: str, fmt: str | None, chain: frozenset) -> _Device:
+    path = _relative_to(image_path, name)
+    try:
+        if os.path.realpath(path) in chain:
+            raise BackingError(f"Backing file '{name}' creates a loop in the backing chain")
+        if fmt is None:
+            probe = Storage(path, what="backing file")
+            magic = probe.pread(4, 0)
+            probe.close()
+            fmt = "qcow2" if magic == C.QCOW_MAGIC_BYTES else "raw"
+        if fmt == "qcow2":
+            return Image(path, "r", overlap_check="none", _chain=chain)
+        if fmt == "raw":
+            return RawImage(path)
+        raise BackingError(f"Unsupported backing file format '{fmt}'")
+    except Qcow2Error as e:
+        raise BackingError(f"Could not open backing file: {e}") from None
+
+
+def open(path: str, mode: str = "r", **options) -> Image:  # noqa: A001 - mirrors qcow2.open
+    """Open a qcow2 image.  ``mode`` is ``"r"`` (read-only) or ``"r+"``.
+
+    Options: ``open_backing`` (default True; False is qemu-img info's no-backing open),
+    ``l2_cache_size`` (bytes); ``overlap_check`` (``"none"``, ``"constant"``, ``"cached"`` (default),
+    ``"all"``, or a mapping ``{"template": ..., "<type option>": bool}``), ``overlap_mem`` (the
+    overlap map's memory budget in bytes, None for unlimited), ``device`` and ``node_name`` (the
+    names events carry; the node name defaults to the file name), ``on_event`` (a callable receiving
+    each :class:`~qcow2.events.Event`).  Raises a :class:`~qcow2.errors.Qcow2Error` subclass for every
+    unusable file, naming the field and value.
+    """
+    return Image(path, mode, **options)
