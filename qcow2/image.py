@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 from . import constants as C
 from .cluster import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Cache, Mapping
@@ -94,14 +93,37 @@ class _Device:
     size: int
     backing: "_Device | None" = None
 
-    def readinto(self, buf, offset: int) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def readinto(self, buf, offset: int) -> None:
+        """Read ``len(buf)`` guest bytes at ``offset`` into ``buf``.
+
+        Ranges a layer does not allocate are read from the layer below, iteratively (a chain may
+        be thousands of images deep); past the end of a backing device they read as zeros.
+        """
+        view = memoryview(buf).cast("B")
+        _check_request(offset, len(view), self.size)
+        work = [(self, view, offset)]
+        while work:
+            dev, dst, pos = work.pop()
+            dev._read_layer(dst, pos, work)
+
+    def _read_layer(self, dst: memoryview, guest_offset: int, work: list) -> None:
+        """Fill ``dst`` from this layer; append ``(device, view, offset)`` for what is below."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _defer_to_backing(self, dst: memoryview, guest_offset: int, work: list) -> None:
+        below = self.backing
+        covered = 0
+        if below is not None and guest_offset < below.size:
+            covered = min(len(dst), below.size - guest_offset)
+            work.append((below, dst[:covered], guest_offset))
+        _fill_zeros(dst[covered:])
 
     def block_status(self, offset: int, length: int) -> list[Status]:  # pragma: no cover
         raise NotImplementedError
 
     def pread(self, length: int, offset: int) -> bytes:
         """Return ``length`` guest bytes at ``offset``.  Raises ``RequestError`` past the end."""
+        _check_request(offset, length, self.size)
         buf = bytearray(length)
         self.readinto(buf, offset)
         return bytes(buf)
@@ -116,7 +138,7 @@ class _Device:
             length = max(0, self.size - offset)
         _check_request(offset, length, self.size)
         out: list[Extent] = []
-        for ext in _chain_status(self, offset, length, 0):
+        for ext in _chain_status(self, offset, length):
             if out:
                 last = out[-1]
                 if (last.depth == ext.depth and last.present == ext.present
@@ -130,21 +152,30 @@ class _Device:
         return out
 
 
-def _chain_status(dev: _Device, offset: int, length: int, depth: int) -> Iterator[Extent]:
-    pos = offset
-    for st in dev.block_status(offset, length):
-        if st.present:
-            yield Extent(pos, st.length, depth, True, st.zero, st.data, st.offset)
-        else:
-            below = dev.backing
-            covered = 0
-            if below is not None and pos < below.size:
-                covered = min(st.length, below.size - pos)
-                yield from _chain_status(below, pos, covered, depth + 1)
-            if covered < st.length:
-                yield Extent(pos + covered, st.length - covered, depth, False, True, False,
-                             None if st.offset is None else st.offset + covered)
-        pos += st.length
+def _chain_status(top: _Device, offset: int, length: int) -> list[Extent]:
+    """Block status down the backing chain, iteratively (chains may be thousands deep).
+
+    A range a layer does not allocate is asked of its backing device, one level deeper; the part
+    past the backing device's end reads as zeros at the layer's own depth, as qemu-img reports it.
+    """
+    out: list[Extent] = []
+    work = [(top, offset, length, 0)]
+    while work:
+        dev, pos, n, depth = work.pop()
+        for st in dev.block_status(pos, n):
+            if st.present:
+                out.append(Extent(pos, st.length, depth, True, st.zero, st.data, st.offset))
+            else:
+                below = dev.backing
+                covered = min(st.length, below.size - pos) if below and pos < below.size else 0
+                if covered:
+                    work.append((below, pos, covered, depth + 1))
+                if covered < st.length:
+                    out.append(Extent(pos + covered, st.length - covered, depth, False, True,
+                                      False, None if st.offset is None else st.offset + covered))
+            pos += st.length
+    out.sort(key=lambda e: e.start)
+    return out
 
 
 class RawImage(_Device):
@@ -157,38 +188,21 @@ class RawImage(_Device):
         self._file = Storage(path, what="backing file")
         self.size = self._file.size
 
-    def readinto(self, buf, offset: int) -> None:
-        view = memoryview(buf).cast("B")
-        _check_request(offset, len(view), self.size)
-        self._file.readinto(view, offset)
+    def _read_layer(self, dst: memoryview, guest_offset: int, work: list) -> None:
+        self._file.readinto(dst, guest_offset)
 
     def block_status(self, offset: int, length: int) -> list[Status]:
         """Data vs holes from ``SEEK_DATA``/``SEEK_HOLE``; holes read as zeros."""
-        out: list[Status] = []
-        end = offset + length
-        pos = offset
-        fd = self._file.fd
-        while pos < end:
-            try:
-                data_start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole up to EOF
-                data_start = end
-            if data_start > pos:
-                n = min(data_start, end) - pos
-                out.append(Status(n, True, True, False, pos))
-                pos += n
-                continue
-            try:
-                hole = os.lseek(fd, pos, os.SEEK_HOLE)
-            except OSError:
-                hole = end
-            n = min(hole, end) - pos
-            out.append(Status(n, True, False, True, pos))
-            pos += n
+        out = []
+        for n, is_data in self._file.data_runs(offset, length):
+            out.append(Status(n, True, not is_data, is_data, offset))
+            offset += n
         return out
 
     def close(self) -> None:
         self._file.close()
+
+    _close_layer = close
 
 
 class _Qcow2Reader(_Device):
@@ -198,37 +212,37 @@ class _Qcow2Reader(_Device):
     _image: "Image"
     _mapping: Mapping
 
-    def readinto(self, buf, offset: int) -> None:
-        """Read ``len(buf)`` guest bytes at ``offset`` into ``buf``; one ``preadv`` per host run."""
-        view = memoryview(buf).cast("B")
-        _check_request(offset, len(view), self.size)
+    def _read_layer(self, dst: memoryview, guest_offset: int, work: list) -> None:
+        """One ``preadv`` per contiguous host run; zeros in place; compressed clusters expanded."""
         img = self._image
-        for kind, guest_offset, n, host in self._mapping.segments(offset, len(view)):
-            dst = view[guest_offset - offset:guest_offset - offset + n]
+        base = guest_offset
+        for kind, seg_offset, n, host in self._mapping.segments(guest_offset, len(dst)):
+            part = dst[seg_offset - base:seg_offset - base + n]
             if kind == DATA:
-                img._data.readinto(dst, host)
+                img._data.readinto(part, host)
             elif kind == ZERO:
-                _fill_zeros(dst)
+                _fill_zeros(part)
             elif kind == UNALLOCATED:
-                self._read_backing(dst, guest_offset)
+                self._defer_to_backing(part, seg_offset, work)
             else:
                 cluster = img._compressed_cluster(host)
-                start = guest_offset & (img.cluster_size - 1)
-                dst[:] = cluster[start:start + n]
-
-    def _read_backing(self, dst: memoryview, guest_offset: int) -> None:
-        backing = self.backing
-        covered = 0
-        if backing is not None and guest_offset < backing.size:
-            covered = min(len(dst), backing.size - guest_offset)
-            backing.readinto(dst[:covered], guest_offset)
-        _fill_zeros(dst[covered:])
+                start = seg_offset & (img.cluster_size - 1)
+                part[:] = cluster[start:start + n]
 
     def block_status(self, offset: int, length: int) -> list[Status]:
         out = []
+        prealloc = None
         for kind, _, n, host in self._mapping.segments(offset, length):
             if kind == DATA:
-                out.append(Status(n, True, False, True, host))
+                if prealloc is None:
+                    prealloc = self._image.metadata_preallocated
+                if not prealloc:
+                    out.append(Status(n, True, False, True, host))
+                    continue
+                # QEMU asks the host file about preallocated images: holes read as zeros
+                for run, is_data in self._image._data.data_runs(host, n):
+                    out.append(Status(run, True, not is_data, True, host))
+                    host += run
             elif kind == ZERO:
                 out.append(Status(n, True, True, False, host if host >= 0 else None))
             elif kind == COMPRESSED:
@@ -249,11 +263,12 @@ class Image(_Qcow2Reader):
                  l2_cache_size: int = DEFAULT_L2_CACHE_SIZE, overlap_check="cached",
                  overlap_mem: int | None = None, node_name: str | None = None,
                  device: str | None = None, on_event: Subscriber | None = None,
-                 _chain: frozenset = frozenset()):
+                 _layer_only: bool = False):
         if mode not in ("r", "r+"):
             raise RequestError(f"mode must be 'r' or 'r+', not {mode!r}")
         if mode == "r+":
             raise Qcow2Error("writing is not implemented yet; open with mode 'r'")
+        parse_overlap_check(overlap_check)  # a bad option fails the open, not the first write
         self.filename = path
         self.mode = mode
         self._image = self
@@ -264,35 +279,50 @@ class Image(_Qcow2Reader):
         self.device = device
         self.node_name = node_name or _default_node_name(path)
         self.events = EventEmitter(on_event)
+        self._guard_options = {"overlap_check": overlap_check, "budget": overlap_mem}
+        self._guard = None
+        self._preallocated: bool | None = None
         try:
-            self._open(open_backing, l2_cache_size, _chain)
-            parse_overlap_check(overlap_check)  # a bad option fails the open, not the first write
-            self._guard_options = {"overlap_check": overlap_check, "budget": overlap_mem}
-            self._guard = None
+            self._open(open_backing or _layer_only, l2_cache_size)
+            if open_backing and not _layer_only:
+                self._open_chain()
         except BaseException:
             self.close()
             raise
 
-    def _open(self, open_backing: bool, l2_cache_size: int, chain: frozenset) -> None:
+    def _open(self, with_io: bool, l2_cache_size: int) -> None:
         head = self._file.pread(min(self._file.size, 1 << C.MAX_CLUSTER_BITS), 0)
-        self.header = h = decode_header(head, no_io=not open_backing)
+        self.header = h = decode_header(head, no_io=not with_io)
         self.cluster_size = h.cluster_size
-        self.size = h.size
-        self._compressed_lock = threading.Lock()
+        self.size = h.size & ~(C.SECTOR_SIZE - 1)  # QEMU counts whole sectors
         self._last_compressed: tuple[int, bytes] | None = None
-        if h.data_file is not None and open_backing:
-            self.data_filename = _relative_to(self.filename, h.data_file)
-            self._data = Storage(self.data_filename, what="data file")
-        else:
-            self.data_filename = h.data_file
+        # QEMU opens a relative data file name as given, i.e. relative to the working directory
+        self.data_filename = h.data_file
+        if h.data_file is not None and with_io:
+            self._data = Storage(h.data_file, what="data file")
         self._l2_cache = L2Cache(self._file.pread, h.cluster_size, l2_cache_size)
-        self.l1_table = decode_u64_table(self._file.pread(h.l1_size * 8, h.l1_table_offset))
-        self._mapping = self._make_mapping(self.l1_table, h.size)
+        self.l1_table = self._read_l1(h.l1_table_offset, h.l1_size)
+        self._mapping = self._make_mapping(self.l1_table, self.size)
         self.snapshots: tuple[SnapshotEntry, ...] = self._read_snapshot_table()
-        if open_backing and h.backing_file is not None:
-            me = os.path.realpath(self.filename)
-            self.backing = _open_backing(self.filename, h.backing_file, h.backing_format,
-                                         chain | {me})
+
+    def _read_l1(self, offset: int, nb_entries: int):
+        """An L1 table; entries past end of file read as 0 and are not even allocated."""
+        return decode_u64_table(self._file.pread_in_file(nb_entries * 8, offset))
+
+    def _open_chain(self) -> None:
+        """Open the backing chain layer by layer (no recursion: chains may be very deep)."""
+        seen = {os.path.realpath(self.filename)}
+        layer: _Device = self
+        while isinstance(layer, Image) and layer.header.backing_file is not None:
+            name = layer.header.backing_file
+            path = _relative_to(layer.filename, name)
+            real = os.path.realpath(path)
+            if real in seen:
+                raise BackingError(f"Could not open backing file: Backing file '{name}' of "
+                                   f"'{layer.filename}' creates a loop in the backing chain")
+            seen.add(real)
+            layer.backing = _open_backing(path, layer.header.backing_format)
+            layer = layer.backing
 
     def _make_mapping(self, l1, size: int) -> Mapping:
         h = self.header
@@ -311,15 +341,14 @@ class Image(_Qcow2Reader):
         for index in range(h.nb_snapshots):
             need = pos + _SNAPSHOT_FIXED_SIZE
             if need > limit:
-                raise FormatError("Snapshot table exceeds the maximum size")
+                raise FormatError("Snapshot table is too big")
             if need > len(buf):
                 buf += self._file.pread(max(need - len(buf), 65536), h.snapshots_offset + len(buf))
             id_len = int.from_bytes(buf[pos + 12:pos + 14], "big")
             name_len = int.from_bytes(buf[pos + 14:pos + 16], "big")
             extra_len = int.from_bytes(buf[pos + 36:pos + 40], "big")
             if extra_len > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
-                raise FormatError(f"Too much extra metadata in snapshot table entry {index}: "
-                                  f"extra_data_size {extra_len}")
+                raise FormatError(f"Too much extra metadata in snapshot table entry {index}")
             pos = (need + extra_len + id_len + name_len + 7) & ~7
         if pos > len(buf):
             buf += self._file.pread(pos - len(buf), h.snapshots_offset + len(buf))
@@ -351,6 +380,22 @@ class Image(_Qcow2Reader):
             guard.rebuild()
             self._guard = guard
         return self._guard
+
+    @property
+    def metadata_preallocated(self) -> bool:
+        """Whether the image looks metadata-preallocated, decided as QEMU decides it: more clusters
+        carry a refcount than the host file has allocated (by a margin).  Then ``map`` asks the
+        host file where its holes are, and reports data clusters there as reading zeros."""
+        if self._preallocated is None:
+            from .refcount import RefcountReader
+            cs = self.cluster_size
+            real_clusters = self._file.allocated_size() // cs
+            threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+            end_cluster = -(-self._file.size // cs)
+            counted = RefcountReader(self._file, self.header).count_referenced(end_cluster,
+                                                                              threshold)
+            self._preallocated = counted >= threshold
+        return self._preallocated
 
     @property
     def backing_filename(self) -> str | None:
@@ -386,12 +431,18 @@ class Image(_Qcow2Reader):
         return image_info(self, backing_chain=backing_chain)
 
     def close(self) -> None:
-        """Close the image and its backing chain.  Idempotent."""
+        """Close the image and its backing chain (iteratively).  Idempotent."""
+        layer: _Device | None = self
+        while layer is not None:
+            below = layer.backing
+            layer.backing = None
+            layer._close_layer()
+            layer = below
+
+    def _close_layer(self) -> None:
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        if self.backing is not None:
-            self.backing.close()
         if self._data is not self._file:
             self._data.close()
         self._file.close()
@@ -421,7 +472,7 @@ class SnapshotView(_Qcow2Reader):
         self.filename = image.filename
         self.backing = image.backing
         self.size = entry.disk_size if entry.disk_size is not None else image.size
-        l1 = decode_u64_table(image._file.pread(entry.l1_size * 8, entry.l1_table_offset))
+        l1 = image._read_l1(entry.l1_table_offset, entry.l1_size)
         self._mapping = image._make_mapping(l1, self.size)
 
     def close(self) -> None:
@@ -454,6 +505,8 @@ class ImageFile(io.RawIOBase):
     def readinto(self, buf) -> int:
         view = memoryview(buf).cast("B")
         n = max(0, min(len(view), self._reader.size - self._pos))
+        if n == 0:
+            return 0
         self._reader.readinto(view[:n], self._pos)
         self._pos += n
         return n
@@ -471,18 +524,16 @@ def _relative_to(image_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(image_path), name)
 
 
-def _open_backing(image_path: str, name: str, fmt: str | None, chain: frozenset) -> _Device:
-    path = _relative_to(image_path, name)
+def _open_backing(path: str, fmt: str | None) -> _Device:
+    """Open one backing layer (not its own backing): qcow2 or raw, probed when no format is set."""
     try:
-        if os.path.realpath(path) in chain:
-            raise BackingError(f"Backing file '{name}' creates a loop in the backing chain")
         if fmt is None:
             probe = Storage(path, what="backing file")
             magic = probe.pread(4, 0)
             probe.close()
             fmt = "qcow2" if magic == C.QCOW_MAGIC_BYTES else "raw"
         if fmt == "qcow2":
-            return Image(path, "r", overlap_check="none", _chain=chain)
+            return Image(path, "r", overlap_check="none", _layer_only=True)
         if fmt == "raw":
             return RawImage(path)
         raise BackingError(f"Unsupported backing file format '{fmt}'")

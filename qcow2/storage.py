@@ -67,26 +67,62 @@ class Storage:
         return os.fstat(self.fd).st_blocks * 512
 
     def readinto(self, buf, host_offset: int) -> None:
-        """Fill ``buf`` (a writable buffer) from ``host_offset``; zeros past end of file."""
+        """Fill ``buf`` (a writable buffer) from ``host_offset``; zeros past end of file.
+
+        Offsets past the end (even absurd ones from a damaged table) cost no system call.
+        """
         view = memoryview(buf).cast("B")
         total = len(view)
+        if host_offset < 0:
+            raise RequestError(f"negative host offset {host_offset}")
         done = 0
-        while done < total:
+        readable = max(0, min(total, self._size - host_offset))
+        while done < readable:
             try:
-                n = os.preadv(self.fd, [view[done:]], host_offset + done)
+                n = os.preadv(self.fd, [view[done:readable]], host_offset + done)
             except OSError as e:
                 raise Qcow2Error(f"Could not read '{self.path}' at 0x{host_offset + done:x}: "
                                  f"{e.strerror}") from None
             if n == 0:
-                view[done:] = bytes(total - done)
-                return
+                break
             done += n
+        if done < total:
+            view[done:] = bytes(total - done)
 
     def pread(self, length: int, host_offset: int) -> bytes:
         """Return ``length`` bytes at ``host_offset`` (zeros past end of file)."""
         buf = bytearray(length)
         self.readinto(buf, host_offset)
         return bytes(buf)
+
+    def pread_in_file(self, length: int, host_offset: int) -> bytes:
+        """Like :meth:`pread` but returns only the bytes that exist in the file (possibly fewer),
+        so that a size read from a hostile image never sizes an allocation past the file."""
+        return self.pread(max(0, min(length, self._size - host_offset)), host_offset)
+
+    def data_runs(self, host_offset: int, length: int) -> list[tuple[int, bool]]:
+        """Split the range into ``(length, is_data)`` runs by ``SEEK_DATA``/``SEEK_HOLE``; holes
+        and the part past end of file are not data."""
+        out: list[tuple[int, bool]] = []
+        end = host_offset + length
+        pos = host_offset
+        while pos < end:
+            try:
+                data_start = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing but a hole up to end of file
+                data_start = end
+            if data_start > pos:
+                n = min(data_start, end) - pos
+                out.append((n, False))
+            else:
+                try:
+                    hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+                except OSError:
+                    hole = end
+                n = min(hole, end) - pos
+                out.append((n, True))
+            pos += n
+        return out
 
     # -- writing ---------------------------------------------------------------------------------
     def pwrite(self, data, host_offset: int, ign: int = 0) -> int:
