@@ -28,7 +28,8 @@ from . import constants as C
 from .cluster import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Cache, Mapping
 from .compress import decompress_cluster
 from .events import EventEmitter, Subscriber
-from .errors import BackingError, CorruptImageError, FormatError, Qcow2Error, RequestError
+from .errors import BackingError, FormatError, Qcow2Error, RequestError
+from .bitmap import BitmapDirectoryEntry, decode_bitmap_directory
 from .header import decode_header
 from .overlap_types import parse_overlap_check
 from .snapshot import SnapshotEntry, decode_snapshot_table
@@ -198,6 +199,11 @@ class RawImage(_Device):
             out.append(Status(n, True, not is_data, is_data, offset))
             offset += n
         return out
+
+    @property
+    def actual_size(self) -> int:
+        """Bytes the file occupies on the host (qemu-img info's actual-size)."""
+        return self._file.allocated_size()
 
     def close(self) -> None:
         self._file.close()
@@ -396,6 +402,17 @@ class Image(_Qcow2Reader):
                                                                               threshold)
             self._preallocated = counted >= threshold
         return self._preallocated
+
+    def bitmap_directory(self) -> tuple[BitmapDirectoryEntry, ...]:
+        """The persistent dirty bitmaps' directory entries, validated as QEMU validates them when
+        it loads bitmaps; empty when the image has none (or an untrusted bitmaps extension)."""
+        ext = self.header.bitmaps
+        if ext is None or not ext.nb_bitmaps:
+            return ()
+        size = min(ext.bitmap_directory_size, C.QCOW_MAX_BITMAP_DIRECTORY_SIZE)
+        buf = self._file.pread_in_file(size, ext.bitmap_directory_offset)
+        return decode_bitmap_directory(buf, ext.nb_bitmaps, cluster_size=self.cluster_size,
+                                       image_size=self.size)
 
     @property
     def backing_filename(self) -> str | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from . import constants as C
-from .bitmap import decode_bitmap_directory
 from .overlap_types import (OL_ACTIVE_L1, OL_ACTIVE_L2, OL_BITMAP_DIRECTORY, OL_BITMAP_TABLE,
                             OL_FDE_HEADER, OL_INACTIVE_L1, OL_INACTIVE_L2, OL_MAIN_HEADER,
                             OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE, OL_SNAPSHOT_TABLE)
@@ -87,9 +86,7 @@ def iter_metadata(image: "Image", types: int) -> Iterator[Triple]:
         if types & OL_BITMAP_DIRECTORY:
             yield from _region(bitmaps.bitmap_directory_offset, size, OL_BITMAP_DIRECTORY)
         if types & OL_BITMAP_TABLE:
-            directory = decode_bitmap_directory(read(size, bitmaps.bitmap_directory_offset),
-                                                bitmaps.nb_bitmaps)
-            for entry in directory:
+            for entry in image.bitmap_directory():
                 yield from _region(entry.bitmap_table_offset, entry.bitmap_table_size * 8,
                                    OL_BITMAP_TABLE)
     crypto = h.crypto_header

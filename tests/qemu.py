@@ -83,3 +83,21 @@ def check_json(path) -> tuple[int, dict | None]:
         return proc.returncode, json.loads(proc.stdout)
     except ValueError:
         return proc.returncode, None
+
+
+def create_encrypted(path, fmt: str, size: str = "1M") -> str:
+    """An AES (compat 0.10) or LUKS encrypted qcow2 image, made by qemu-img.
+
+    LUKS creation benchmarks PBKDF2 and fails at random on busy virtual CPUs ("Unable to get
+    accurate CPU usage"), so it is retried a few times.
+    """
+    opts = f"encrypt.format={fmt},encrypt.key-secret=sec0"
+    if fmt == "aes":
+        opts += ",compat=0.10"
+    proc = None
+    for _ in range(8):
+        proc = qemu_img("create", "-f", "qcow2", "--object", "secret,id=sec0,data=123456",
+                        "-o", opts, str(path), size, check=False)
+        if proc.returncode == 0:
+            return str(path)
+    pytest.fail(f"qemu-img cannot create a {fmt} image: {proc.stderr.strip()}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-import codec_images
 import qemu
 from qcow2.bitmap import (BME_FLAG_AUTO, BME_FLAG_IN_USE, BitmapDirectoryEntry, bitmap_directory_size,
                           decode_bitmap_directory, decode_bitmap_table, encode_bitmap_directory)

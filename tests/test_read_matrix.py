@@ -235,7 +235,7 @@ def _convert_zlib(d):
 def _chain(*, raw_size, mid_size, top_size, mid_cs, top_cs, compat="1.1", with_fmt=True,
            top_extl2=False, mid_extl2=False):
     def build(d):
-        raw = make_raw(os.path.join(d, "base.raw"), raw_size,
+        make_raw(os.path.join(d, "base.raw"), raw_size,
                        [(0x11, 0, 5000), (0x12, raw_size // 2 - 3, 4099), (0x13, raw_size - 600,
                                                                               600)])
         mid = create(os.path.join(d, "mid.qcow2"), mid_size,

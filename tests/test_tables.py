@@ -9,7 +9,6 @@ import zlib
 import pytest
 from hypothesis import given, strategies as st
 
-import codec_images
 import qemu
 from qcow2 import constants as C
 from qcow2.errors import FormatError, RequestError

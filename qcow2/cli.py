@@ -1,0 +1,425 @@
+"""``qcow2-tool``: qemu-img's words (``info``, ``map``, ``convert``) and qemu-io's (``io``).
+
+Options, output formats, messages and exit codes follow qemu-img / qemu-io 7.2, so that scripts
+written for them keep working.  Every error ends as one ``qcow2-tool: <message>`` line on stderr and
+exit status 1; never a traceback.  Open failures read ``Could not open 'X': <reason>``.
+
+``convert`` reads the source by allocation extents in 2 MiB aligned chunks into one reused buffer
+and writes the target through :class:`~qcow2.storage.Storage` only; zero extents, and zero runs of
+``-S`` bytes (4 KiB by default) inside data, are left as holes of the (truncated) target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from . import constants as C
+from .errors import Qcow2Error
+from .image import Image, RawImage
+from .info import (MapOutputError, dumps_qemu_json, format_info_human, format_map_human,
+                   format_map_json, image_info, raw_info)
+from .qemu_io import Session, command_writes
+from .storage import Storage
+from .units import INT64_MAX, SizeError, parse_size
+
+PROG = "qcow2-tool"
+CONVERT_CHUNK_SIZE = 2 << 20
+DEFAULT_SPARSE_SIZE = 4096
+MAX_SPARSE_SIZE = 16 << 20
+_SUFFIX_HINT = ("You may use k, M, G, T, P or E suffixes for\n"
+                "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+
+
+class CliError(Exception):
+    """Printed as ``qcow2-tool: <message>`` (each line prefixed), exit status ``status``."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 1 on usage errors (qemu-img's status), not 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        self.print_usage(sys.stderr)
+        raise CliError(f"error: {message}")
+
+
+def _print_error(message: str) -> None:
+    for line in message.splitlines() or [""]:
+        sys.stderr.write(f"{PROG}: {line}\n")
+
+
+# -- opening ------------------------------------------------------------------------------------
+def _check_format(path: str, fmt: str | None) -> None:
+    if fmt not in (None, "qcow2"):
+        raise CliError(f"Could not open '{path}': image format '{fmt}' is not supported "
+                       f"(qcow2-tool handles qcow2 only)")
+
+
+def open_image(path: str, fmt: str | None = None, *, open_backing: bool = True) -> Image:
+    """Open a qcow2 image read-only; errors become ``Could not open 'X': <reason>``."""
+    _check_format(path, fmt)
+    try:
+        return Image(path, "r", open_backing=open_backing)
+    except Qcow2Error as e:
+        raise CliError(f"Could not open '{path}': {e}") from None
+    except OSError as e:
+        raise CliError(f"Could not open '{path}': {e.strerror or e}") from None
+
+
+def _open_layer(path: str, fmt: str | None):
+    """One layer of a backing chain, without its own backing (qemu-img info --backing-chain)."""
+    if fmt is None:
+        try:
+            probe = Storage(path, what="backing file")
+        except Qcow2Error:
+            fmt = "qcow2"   # let the real open report the error
+        else:
+            fmt = "qcow2" if probe.pread(4, 0) == C.QCOW_MAGIC_BYTES else "raw"
+            probe.close()
+    if fmt == "raw":
+        try:
+            return RawImage(path)
+        except Qcow2Error as e:
+            raise CliError(f"Could not open '{path}': {e}") from None
+    return open_image(path, fmt, open_backing=False)
+
+
+def _backing_chain_info(path: str, fmt: str | None) -> list:
+    """Info dicts of the whole chain, each layer opened alone; a loop is an error."""
+    layers = []
+    try:
+        layer = open_image(path, fmt, open_backing=False)
+        layers.append(layer)
+        seen = {os.path.realpath(path)}
+        while getattr(layer, "format", "raw") == "qcow2" and layer.header.backing_file is not None:
+            full = layer.full_backing_filename
+            real = os.path.realpath(full)
+            if real in seen:
+                raise CliError(f"Backing file '{full}' creates an infinite loop.")
+            seen.add(real)
+            layer = _open_layer(full, layer.header.backing_format)
+            layers.append(layer)
+        return [raw_info(x) if x.format == "raw" else image_info(x) for x in layers]
+    finally:
+        for x in layers:
+            x.close()
+
+
+def _output_format(value: str) -> str:
+    if value not in ("human", "json"):
+        raise CliError("--output must be used with human or json as argument.")
+    return value
+
+
+def _parse_offset(text: str, what: str) -> int:
+    try:
+        value = parse_size(text)
+    except SizeError as e:
+        if e.too_large:
+            raise CliError(f"Invalid {what} specified. Must be between 0 and {INT64_MAX}.") from None
+        raise CliError(f"Invalid {what} specified. {_SUFFIX_HINT}") from None
+    return value
+
+
+# -- info -----------------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    output = _output_format(args.output)
+    if args.backing_chain:
+        result = _backing_chain_info(args.filename, args.format)
+    else:
+        with open_image(args.filename, args.format, open_backing=False) as img:
+            result = image_info(img)
+    if output == "json":
+        sys.stdout.write(dumps_qemu_json(result) + "\n")
+    else:
+        sys.stdout.write(format_info_human(result))
+    return 0
+
+
+# -- map ------------------------------------------------------------------------------------------
+def _layer_filenames(img) -> list[str]:
+    names = []
+    layer = img
+    while layer is not None:
+        data_name = getattr(layer, "data_filename", None)
+        names.append(data_name if data_name is not None else layer.filename)
+        layer = getattr(layer, "backing", None)
+    return names
+
+
+def cmd_map(args) -> int:
+    output = _output_format(args.output)
+    start = _parse_offset(args.start_offset, "start offset") if args.start_offset else 0
+    max_length = _parse_offset(args.max_length, "max length") if args.max_length else None
+    with open_image(args.filename, args.format) as img:
+        end = img.size if max_length is None else min(img.size, start + max_length)
+        extents = img.map(start, end - start) if end > start else []
+        if output == "json":
+            sys.stdout.write(format_map_json(extents, start))
+            return 0
+        try:
+            sys.stdout.write(format_map_human(extents, _layer_filenames(img)))
+        except MapOutputError as e:
+            sys.stdout.write(e.text)
+            raise CliError(str(e)) from None
+    return 0
+
+
+# -- convert --------------------------------------------------------------------------------------
+class _Progress:
+    """qemu-img's ``-p`` line: ``    (12.34/100%)\\r`` on stdout, updated every whole percent."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled = enabled
+        self.total = total
+        self.last = -1.0
+        self.update(0)
+
+    def update(self, done: int) -> None:
+        if not self.enabled:
+            return
+        percent = 100.0 * done / self.total if self.total else 100.0
+        if percent - self.last >= 1.0 or (percent == 100.0 and self.last < 100.0) \
+                or self.last < 0:
+            self.last = percent
+            sys.stdout.write("    (%3.2f/100%%)\r" % percent)
+            sys.stdout.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stdout.write("    (100.00/100%)\r\n")
+            sys.stdout.flush()
+
+
+def _write_sparse(dst: Storage, buf: bytearray, n: int, guest_offset: int, granularity: int,
+                  zeros: bytes) -> None:
+    """Write ``buf[:n]`` at ``guest_offset`` except aligned all-zero blocks of ``granularity``
+    bytes (left as holes).  C-speed checks: one compare for an all-zero chunk, one ``find`` to
+    rule out any zero block, a per-block scan only for mixed chunks."""
+    view = memoryview(buf)
+    if granularity == 0:
+        dst.pwrite(view[:n], guest_offset)
+        return
+    if buf.startswith(zeros if n == len(zeros) else bytes(n)):
+        return
+    zero_block = zeros[:granularity] if granularity <= len(zeros) else bytes(granularity)
+    if buf.find(zero_block, 0, n) < 0:
+        dst.pwrite(view[:n], guest_offset)
+        return
+    run_start = -1
+    pos = 0
+    while pos < n:
+        step = min(granularity - (guest_offset + pos) % granularity, n - pos)
+        block_zero = step == granularity and buf.startswith(zero_block, pos, pos + step)
+        if block_zero:
+            if run_start >= 0:
+                dst.pwrite(view[run_start:pos], guest_offset + run_start)
+                run_start = -1
+        elif run_start < 0:
+            run_start = pos
+        pos += step
+    if run_start >= 0:
+        dst.pwrite(view[run_start:n], guest_offset + run_start)
+
+
+def _data_ranges(extents) -> list[tuple[int, int]]:
+    """Merge consecutive extents that need copying into ``(start, end)`` guest ranges."""
+    ranges: list[tuple[int, int]] = []
+    for e in extents:
+        if e.zero:
+            continue
+        if ranges and ranges[-1][1] == e.start:
+            ranges[-1] = (ranges[-1][0], e.start + e.length)
+        else:
+            ranges.append((e.start, e.start + e.length))
+    return ranges
+
+
+def _snapshot_arg(text: str) -> str:
+    for prefix in ("snapshot.id=", "snapshot.name="):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
+def _create_target(path: str, sources: Sequence[str]) -> Storage:
+    """Create (or open) the target and empty it; every change goes through Storage.  Refuses a
+    target that is one of the files being read (the source, its backing chain, data files)."""
+    for src in sources:
+        try:
+            if os.path.samefile(src, path):
+                raise CliError(f"{path}: error while converting raw: the target is '{src}', "
+                               f"which is being read")
+        except OSError:
+            pass
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as e:
+        raise CliError(f"{path}: error while converting raw: Could not create '{path}': "
+                       f"{e.strerror}") from None
+    os.close(fd)
+    try:
+        target = Storage(path, writable=True, what="target")
+        target.truncate(0)
+    except Qcow2Error as e:
+        raise CliError(f"{path}: error while converting raw: {e}") from None
+    return target
+
+
+def cmd_convert(args) -> int:
+    if args.output_format != "raw":
+        raise CliError(f"output format '{args.output_format}' is not supported "
+                       f"(qcow2-tool converts to raw only)")
+    granularity = DEFAULT_SPARSE_SIZE
+    if args.sparse_size is not None:
+        try:
+            granularity = parse_size(args.sparse_size)
+        except SizeError:
+            raise CliError("Invalid buffer size for sparse output specified. "
+                           + _SUFFIX_HINT) from None
+        if granularity % 512 or granularity > MAX_SPARSE_SIZE:
+            raise CliError("Invalid buffer size for sparse output specified. Valid sizes are "
+                           "multiples of 512 up to 16777216. Select 0 to disable sparse "
+                           "detection (fully allocates output).")
+    with open_image(args.source, args.format) as img:
+        reader = img
+        if args.snapshot is not None:
+            try:
+                reader = img.snapshot(_snapshot_arg(args.snapshot))
+            except Qcow2Error:
+                raise CliError("Failed to load snapshot: Can't find snapshot") from None
+        size = reader.size
+        extents = reader.map() if granularity else []
+        ranges = _data_ranges(extents) if granularity else [(0, size)]
+        dst = _create_target(args.target, [img.filename, *_layer_filenames(img)])
+        try:
+            dst.truncate(size)
+            progress = _Progress(args.progress and not args.quiet, size)
+            buf = bytearray(CONVERT_CHUNK_SIZE)
+            view = memoryview(buf)
+            zeros = bytes(CONVERT_CHUNK_SIZE)
+            for start, end in ranges:
+                pos = start
+                while pos < end:
+                    n = min(CONVERT_CHUNK_SIZE - pos % CONVERT_CHUNK_SIZE, end - pos)
+                    reader.readinto(view[:n], pos)
+                    _write_sparse(dst, buf, n, pos, granularity, zeros)
+                    pos += n
+                    progress.update(pos)
+            progress.finish()
+        finally:
+            dst.close()
+    return 0
+
+
+# -- io -------------------------------------------------------------------------------------------
+def cmd_io(args) -> int:
+    commands = list(args.cmd or [])
+    if not args.read_only and any(command_writes(c) for c in commands):
+        mode = "r+"
+    else:
+        mode = "r"
+    _check_format(args.filename, args.format)
+    try:
+        img = Image(args.filename, mode)
+    except (Qcow2Error, OSError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise CliError(f"Could not open '{args.filename}': {reason}") from None
+    with img:
+        session = Session(img, sys.stdout, sys.stderr)
+        if not args.cmd:
+            commands = sys.stdin
+        for line in commands:
+            session.run(line)
+            sys.stdout.flush()
+    return 1 if session.failed else 0
+
+
+# -- argument parsing -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Inspect and convert qcow2 images "
+                     "(qemu-img / qemu-io compatible subset).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def common(p, output=True):
+        p.add_argument("-f", "--format", dest="format", default=None,
+                       help="image format (only qcow2)")
+        p.add_argument("-U", "--force-share", action="store_true",
+                       help="accepted for qemu-img compatibility; images are opened read-only")
+        if output:
+            p.add_argument("--output", default="human", metavar="human|json",
+                           help="output format")
+
+    p = sub.add_parser("info", help="show image information (qemu-img info)")
+    common(p)
+    p.add_argument("--backing-chain", action="store_true", help="show the whole backing chain")
+    p.add_argument("filename")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("map", help="show the allocation map (qemu-img map)")
+    common(p)
+    p.add_argument("--start-offset", metavar="OFFSET", default=None)
+    p.add_argument("--max-length", metavar="LEN", default=None)
+    p.add_argument("filename")
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("convert", help="convert to a raw image (qemu-img convert -O raw)")
+    common(p, output=False)
+    p.add_argument("-O", dest="output_format", default="raw", help="output format (only raw)")
+    p.add_argument("-l", dest="snapshot", default=None, metavar="SNAPSHOT",
+                   help="internal snapshot: ID, name, snapshot.id=ID or snapshot.name=NAME")
+    p.add_argument("-p", dest="progress", action="store_true", help="show progress")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
+    p.add_argument("-S", dest="sparse_size", default=None, metavar="SIZE",
+                   help="zero run length left as a hole (default 4k; 0 = fully allocate)")
+    p.add_argument("source")
+    p.add_argument("target")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("io", help="run qemu-io commands (read ...)")
+    common(p, output=False)
+    p.add_argument("-r", "--read-only", action="store_true", help="open read-only")
+    p.add_argument("-c", "--cmd", action="append", metavar="CMD",
+                   help="command to run (repeatable); without -c, commands come from stdin")
+    p.add_argument("filename")
+    p.set_defaults(func=cmd_io)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``qcow2-tool`` and ``python -m qcow2``; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except CliError as e:
+        _print_error(str(e))
+        return e.status
+    except Qcow2Error as e:
+        _print_error(str(e))
+        return 1
+    except BrokenPipeError:
+        return 1
+    except OSError as e:
+        _print_error(f"{str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}")
+        return 1
+    except SystemExit as e:   # argparse --help
+        return e.code if isinstance(e.code, int) else 0
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""qemu-io's command language, run against an open image (``qcow2-tool io -c CMD``).
+
+Theory of operation
+-------------------
+A command line is split on whitespace (no quoting, as in qemu-io), the first word picks a
+:class:`Command` from :data:`COMMANDS` (by name or alias), the generic argument-count check runs
+on the raw words, then the command parses its options with a GNU-style ``getopt`` (options may
+follow operands; ``--`` ends them) and runs.  Every command returns True on success; the session
+remembers whether any command failed, which becomes the exit status (qemu-io 7.2 runs all ``-c``
+commands and exits 1 if one failed).
+
+Output goes where qemu-io 7.2 puts it: results, pattern failures, ``read failed: ...``, usage
+lines and parse errors on stdout; option errors and argument-count errors on stderr.  Timing lines
+(``64 KiB, 1 ops; 00.00 sec (...)``) use qemu-io's units (:func:`qcow2.units.format_io_size`).
+
+Adding a command (write, discard, flush, ...): write ``def _cmd_x(session, args) -> bool`` and
+register a :class:`Command` in :data:`COMMANDS`; helpers :func:`getopt`, :func:`parse_count`,
+:meth:`Session.report` are there for it.  ``Command.writes`` tells the CLI to open read-write.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+from .errors import Qcow2Error
+from .units import SizeError, format_io_size, format_io_time, parse_size
+
+__all__ = ["Session", "Command", "COMMANDS", "getopt", "GetoptError", "parse_count",
+           "REQUEST_MAX_BYTES", "command_writes"]
+
+#: Largest request qemu's block layer accepts (INT_MAX rounded down to 512).
+REQUEST_MAX_BYTES = 2147483136
+
+
+class GetoptError(Exception):
+    """An unknown option or a missing option argument (message as glibc's getopt prints it)."""
+
+
+def getopt(args: list[str], optstring: str, prog: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """GNU ``getopt``: returns ``([(opt, arg)], operands)``; options may follow operands.
+
+    ``optstring`` is as in C (``"bCl:pP:qs:v"``).  Raises :class:`GetoptError` with glibc's
+    message (``read: invalid option -- 'Z'``).
+    """
+    opts: list[tuple[str, str]] = []
+    operands: list[str] = []
+    i = 0
+    while i < len(args):
+        word = args[i]
+        i += 1
+        if word == "--":
+            operands.extend(args[i:])
+            break
+        if not word.startswith("-") or word == "-":
+            operands.append(word)
+            continue
+        j = 1
+        while j < len(word):
+            ch = word[j]
+            pos = optstring.find(ch)
+            if ch == ":" or pos < 0:
+                raise GetoptError(f"{prog}: invalid option -- '{ch}'")
+            if optstring[pos + 1:pos + 2] == ":":
+                if j + 1 < len(word):
+                    opts.append((ch, word[j + 1:]))
+                elif i < len(args):
+                    opts.append((ch, args[i]))
+                    i += 1
+                else:
+                    raise GetoptError(f"{prog}: option requires an argument -- '{ch}'")
+                break
+            opts.append((ch, ""))
+            j += 1
+    return opts, operands
+
+
+def parse_count(text: str, out: TextIO) -> int | None:
+    """A size operand as qemu-io's ``cvtnum``; prints qemu-io's parse error and returns None."""
+    try:
+        return parse_size(text)
+    except SizeError as e:
+        what = "argument too large" if e.too_large else \
+            "non-numeric argument, or extraneous/unrecognized suffix"
+        out.write(f"Parsing error: {what} -- {text}\n")
+        return None
+
+
+_STRTOL = re.compile(r"\s*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)\Z")
+
+
+def _parse_pattern(text: str, out: TextIO) -> int | None:
+    """A pattern byte as C ``strtol(text, 0)``: decimal, 0x hex or 0 octal, 0..255."""
+    m = _STRTOL.match(text)
+    value = -1
+    if m:
+        digits = m.group(2)
+        if digits[:2].lower() == "0x":
+            value = int(digits[2:], 16)
+        elif digits.startswith("0"):
+            value = int(digits, 8)
+        else:
+            value = int(digits)
+        if m.group(1) == "-":
+            value = -value
+    if not 0 <= value <= 255:
+        out.write(f"{text} is not a valid pattern byte\n")
+        return None
+    return value
+
+
+@dataclass(frozen=True)
+class Command:
+    """One qemu-io command: ``func(session, args) -> bool``; ``argmin``/``argmax`` count the words
+    after the command name (options included; -1 = unlimited), checked before ``func`` runs."""
+
+    name: str
+    func: Callable[["Session", list[str]], bool]
+    argmin: int
+    argmax: int
+    args: str
+    oneline: str
+    altname: str | None = None
+    writes: bool = False
+
+    @property
+    def usage(self) -> str:
+        return f"{self.name} {self.args} -- {self.oneline}"
+
+
+class Session:
+    """Runs qemu-io commands on one open image (anything with ``size`` and ``readinto``)."""
+
+    def __init__(self, image, out: TextIO | None = None, err: TextIO | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.image = image
+        self.out = out if out is not None else sys.stdout
+        self.err = err if err is not None else sys.stderr
+        self.clock = clock
+        self.failed = False
+
+    # -- running --------------------------------------------------------------------------------
+    def run(self, line: str) -> bool:
+        """Run one command line; returns its success (and records failures in ``failed``)."""
+        words = line.split()
+        if not words:
+            return True
+        cmd = find_command(words[0])
+        if cmd is None:
+            self.err.write(f'command "{words[0]}" not found\n')
+            self.failed = True
+            return False
+        args = words[1:]
+        if len(args) < cmd.argmin or (cmd.argmax >= 0 and len(args) > cmd.argmax):
+            if cmd.argmax < 0:
+                expected = f"at least {cmd.argmin}"
+            elif cmd.argmin == cmd.argmax:
+                expected = str(cmd.argmin)
+            else:
+                expected = f"between {cmd.argmin} and {cmd.argmax}"
+            self.err.write(f"bad argument count {len(args)} to {cmd.name}, "
+                           f"expected {expected} arguments\n")
+            self.failed = True
+            return False
+        ok = cmd.func(self, args)
+        if not ok:
+            self.failed = True
+        return ok
+
+    def usage(self, cmd_name: str) -> bool:
+        """Print a command's usage line (stdout, as qemu-io) and fail."""
+        self.out.write(find_command(cmd_name).usage + "\n")
+        return False
+
+    # -- output helpers -------------------------------------------------------------------------
+    def report(self, op: str, elapsed: float, offset: int, count: int, total: int, ops: int,
+               machine: bool) -> None:
+        """qemu-io's statistics: two human lines, or one CSV line with ``machine`` (-C)."""
+        rate_bytes = total / elapsed if elapsed > 0 else 0.0
+        rate_ops = ops / elapsed if elapsed > 0 else 0.0
+        if machine:
+            self.out.write("%d,%d,%s,%.3f,%.3f\n" % (total, ops, format_io_time(elapsed, True),
+                                                     rate_bytes, rate_ops))
+            return
+        self.out.write(f"{op} {count}/{total} bytes at offset {offset}\n")
+        self.out.write("%s, %d ops; %s (%s/sec and %.4f ops/sec)\n" % (
+            format_io_size(total), ops, format_io_time(elapsed), format_io_size(rate_bytes),
+            rate_ops))
+
+    def dump(self, data, offset: int) -> None:
+        """qemu-io's ``-v`` hex dump: 16 bytes a line, offset, hex, and the alphanumerics."""
+        lines = []
+        view = bytes(data)
+        for pos in range(0, len(view), 16):
+            chunk = view[pos:pos + 16]
+            hexes = "".join("%02x " % b for b in chunk)
+            text = chunk.decode("latin-1").translate(_DUMP_TEXT)
+            lines.append("%08x:  %s %s\n" % (offset + pos, hexes, text))
+        self.out.write("".join(lines))
+
+
+_DUMP_TEXT = {b: (chr(b) if chr(b).isascii() and chr(b).isalnum() else ".") for b in range(256)}
+
+
+def _check_request(session: Session, offset: int, count: int) -> str | None:
+    size = session.image.size
+    if offset < 0 or count < 0 or offset > size or count > size - offset:
+        return "Input/output error"
+    return None
+
+
+def _cmd_read(session: Session, args: list[str]) -> bool:
+    out = session.out
+    try:
+        opts, operands = getopt(args, "bCl:pP:qs:v", "read")
+    except GetoptError as e:
+        session.err.write(f"{e}\n")
+        return session.usage("read")
+    machine = quiet = verbose = vmstate = False
+    pattern = None
+    pattern_offset = 0
+    pattern_count = None
+    lflag = sflag = False
+    for opt, arg in opts:
+        if opt == "b":
+            vmstate = True
+        elif opt == "C":
+            machine = True
+        elif opt == "l":
+            lflag = True
+            pattern_count = parse_count(arg, out)
+            if pattern_count is None:
+                return False
+        elif opt == "P":
+            pattern = _parse_pattern(arg, out)
+            if pattern is None:
+                return False
+        elif opt == "q":
+            quiet = True
+        elif opt == "s":
+            sflag = True
+            pattern_offset = parse_count(arg, out)
+            if pattern_offset is None:
+                return False
+        elif opt == "v":
+            verbose = True
+        # "p" is accepted and ignored, as qemu-io does
+    if len(operands) != 2:
+        return session.usage("read")
+    if pattern is None and (lflag or sflag):
+        return session.usage("read")
+    offset = parse_count(operands[0], out)
+    if offset is None:
+        return False
+    count = parse_count(operands[1], out)
+    if count is None:
+        return False
+    if count > REQUEST_MAX_BYTES:
+        out.write(f"length cannot exceed {REQUEST_MAX_BYTES}, given {operands[1]}\n")
+        return False
+    if vmstate:
+        out.write("read failed: Operation not supported\n")
+        return False
+    if pattern_count is None:
+        pattern_count = count - pattern_offset
+    if pattern_count < 0 or pattern_offset + pattern_count > count:
+        out.write("pattern verification range exceeds end of read data\n")
+        return False
+
+    problem = _check_request(session, offset, count)
+    buf = bytearray(count if problem is None else 0)
+    start = session.clock()
+    if problem is None:
+        try:
+            session.image.readinto(buf, offset)
+        except Qcow2Error as e:   # qemu reports EIO; keep the detail on stderr
+            session.err.write(f"{e}\n")
+            problem = "Input/output error"
+    elapsed = session.clock() - start
+    if problem is not None:
+        out.write(f"read failed: {problem}\n")
+        return False
+    ok = True
+    if pattern is not None:
+        region = memoryview(buf)[pattern_offset:pattern_offset + pattern_count]
+        if region != bytes([pattern]) * pattern_count:
+            out.write(f"Pattern verification failed at offset {offset + pattern_offset}, "
+                      f"{pattern_count} bytes\n")
+            ok = False
+    if quiet:
+        return ok
+    if verbose:
+        session.dump(buf, offset)
+    session.report("read", elapsed, offset, count, count, 1, machine)
+    return ok
+
+
+COMMANDS: list[Command] = [
+    Command("read", _cmd_read, 2, -1, "[-abCqv] [-P pattern [-s off] [-l len]] off len",
+            "reads a number of bytes at a specified offset", altname="r"),
+]
+
+
+def find_command(word: str) -> Command | None:
+    """The command named (or aliased) ``word``, or None."""
+    for cmd in COMMANDS:
+        if word == cmd.name or word == cmd.altname:
+            return cmd
+    return None
+
+
+def command_writes(line: str) -> bool:
+    """Whether a command line needs the image open read-write."""
+    words = line.split()
+    cmd = find_command(words[0]) if words else None
+    return bool(cmd and cmd.writes)
