@@ -16,9 +16,8 @@ import os
 import sys
 from typing import Sequence
 
-from . import constants as C
 from .errors import Qcow2Error
-from .image import Image, RawImage
+from .image import Image, open_layer
 from .info import (MapOutputError, dumps_qemu_json, format_info_human, format_map_human,
                    format_map_json, image_info, raw_info)
 from .qemu_io import Session, command_writes
@@ -74,20 +73,12 @@ def open_image(path: str, fmt: str | None = None, *, open_backing: bool = True) 
 
 def _open_layer(path: str, fmt: str | None):
     """One layer of a backing chain, without its own backing (qemu-img info --backing-chain)."""
-    if fmt is None:
-        try:
-            probe = Storage(path, what="backing file")
-        except Qcow2Error:
-            fmt = "qcow2"   # let the real open report the error
-        else:
-            fmt = "qcow2" if probe.pread(4, 0) == C.QCOW_MAGIC_BYTES else "raw"
-            probe.close()
-    if fmt == "raw":
-        try:
-            return RawImage(path)
-        except Qcow2Error as e:
-            raise CliError(f"Could not open '{path}': {e}") from None
-    return open_image(path, fmt, open_backing=False)
+    if fmt not in (None, "qcow2", "raw"):
+        _check_format(path, fmt)
+    try:
+        return open_layer(path, fmt, with_io=False)
+    except Qcow2Error as e:
+        raise CliError(f"Could not open '{path}': {e}") from None
 
 
 def _backing_chain_info(path: str, fmt: str | None) -> list:
@@ -259,13 +250,7 @@ def _create_target(path: str, sources: Sequence[str]) -> Storage:
         except OSError:
             pass
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as e:
-        raise CliError(f"{path}: error while converting raw: Could not create '{path}': "
-                       f"{e.strerror}") from None
-    os.close(fd)
-    try:
-        target = Storage(path, writable=True, what="target")
+        target = Storage(path, create=True, what="target")
         target.truncate(0)
     except Qcow2Error as e:
         raise CliError(f"{path}: error while converting raw: {e}") from None

@@ -541,19 +541,31 @@ def _relative_to(image_path: str, name: str) -> str:
     return os.path.join(os.path.dirname(image_path), name)
 
 
-def _open_backing(path: str, fmt: str | None) -> _Device:
-    """Open one backing layer (not its own backing): qcow2 or raw, probed when no format is set."""
+def probe_format(path: str) -> str:
+    """``"qcow2"`` if the file starts with the qcow2 magic, else ``"raw"`` (QEMU's probe, for the
+    two formats we read)."""
+    probe = Storage(path, what="backing file")
     try:
-        if fmt is None:
-            probe = Storage(path, what="backing file")
-            magic = probe.pread(4, 0)
-            probe.close()
-            fmt = "qcow2" if magic == C.QCOW_MAGIC_BYTES else "raw"
-        if fmt == "qcow2":
-            return Image(path, "r", overlap_check="none", _layer_only=True)
-        if fmt == "raw":
-            return RawImage(path)
-        raise BackingError(f"Unsupported backing file format '{fmt}'")
+        return "qcow2" if probe.pread(4, 0) == C.QCOW_MAGIC_BYTES else "raw"
+    finally:
+        probe.close()
+
+
+def open_layer(path: str, fmt: str | None = None, *, with_io: bool = True) -> _Device:
+    """Open one image of a chain without its backing file: qcow2 or raw, probed when ``fmt`` is
+    None.  ``with_io=False`` is qemu-img info's open (no data file needed)."""
+    if fmt is None:
+        fmt = probe_format(path)
+    if fmt == "qcow2":
+        return Image(path, "r", overlap_check="none", open_backing=False, _layer_only=with_io)
+    if fmt == "raw":
+        return RawImage(path)
+    raise BackingError(f"Unsupported backing file format '{fmt}'")
+
+
+def _open_backing(path: str, fmt: str | None) -> _Device:
+    try:
+        return open_layer(path, fmt)
     except Qcow2Error as e:
         raise BackingError(f"Could not open backing file: {e}") from None
 

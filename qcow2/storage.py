@@ -36,13 +36,18 @@ class Storage:
     :attr:`size` themselves).
     """
 
-    def __init__(self, path: str, writable: bool = False, *, what: str = "image"):
+    def __init__(self, path: str, writable: bool = False, *, create: bool = False,
+                 what: str = "image"):
         self.path = path
-        self.writable = writable
-        flags = os.O_RDWR if writable else os.O_RDONLY
+        self.writable = writable or create
+        flags = os.O_RDWR if self.writable else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT
         try:
-            self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+            self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as e:
+            if create:
+                raise Qcow2Error(f"Could not create '{path}': {e.strerror or e}") from None
             raise _open_error(path, e, what) from None
         try:
             st = os.fstat(self.fd)
