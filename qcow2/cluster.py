@@ -143,23 +143,32 @@ class Mapping:
                 l2_index += 1
         return out
 
-    def _standard(self, out, entry, l2_offset, l2_index, pos, in_cluster, n):
+    def _entry_host(self, entry: int, bitmap: int, l2_offset: int, l2_index: int) -> int | None:
+        """Validate an L2 entry.  None for a compressed cluster; else its host offset, or -1 when
+        the cluster is not allocated."""
         if entry & QCOW_OFLAG_COMPRESSED:
-            if self.has_data_file:
+            if bitmap or self.has_data_file:
                 raise CorruptImageError(
-                    f"Compressed cluster in an image with an external data file "
-                    f"(L2 offset: 0x{l2_offset:x}, L2 index: 0x{l2_index:x})")
-            out.append(Segment(COMPRESSED, pos, n, entry))
-            return
+                    f"Invalid compressed cluster entry 0x{entry:x} (L2 offset: 0x{l2_offset:x}, "
+                    f"L2 index: 0x{l2_index:x}, bitmap: 0x{bitmap:x}, external data file: "
+                    f"{'yes' if self.has_data_file else 'no'})")
+            return None
         host = entry & L2E_OFFSET_MASK
         if host & (self.cluster_size - 1):
             raise CorruptImageError(
                 f"Cluster allocation offset 0x{host:x} unaligned "
                 f"(L2 offset: 0x{l2_offset:x}, L2 index: 0x{l2_index:x})")
-        allocated = host != 0 or (self.has_data_file and entry & QCOW_OFLAG_COPIED)
-        if entry & QCOW_OFLAG_ZERO:
-            _append(out, ZERO, pos, n, host + in_cluster if allocated else -1)
-        elif allocated:
+        if host or (self.has_data_file and entry & QCOW_OFLAG_COPIED):
+            return host
+        return -1
+
+    def _standard(self, out, entry, l2_offset, l2_index, pos, in_cluster, n):
+        host = self._entry_host(entry, 0, l2_offset, l2_index)
+        if host is None:
+            out.append(Segment(COMPRESSED, pos, n, entry))
+        elif entry & QCOW_OFLAG_ZERO:
+            _append(out, ZERO, pos, n, host + in_cluster if host >= 0 else -1)
+        elif host >= 0:
             _append(out, DATA, pos, n, host + in_cluster)
         else:
             _append(out, UNALLOCATED, pos, n, -1)
@@ -167,25 +176,17 @@ class Mapping:
     def _extended(self, out, table, l2_offset, l2_index, pos, in_cluster, n):
         entry = table[2 * l2_index]
         bitmap = table[2 * l2_index + 1]
-        if entry & QCOW_OFLAG_COMPRESSED:
-            if bitmap or self.has_data_file:
-                raise CorruptImageError(
-                    f"Invalid compressed cluster entry (L2 offset: 0x{l2_offset:x}, "
-                    f"L2 index: 0x{l2_index:x}, bitmap: 0x{bitmap:x})")
+        host = self._entry_host(entry, bitmap, l2_offset, l2_index)
+        if host is None:
             out.append(Segment(COMPRESSED, pos, n, entry))
             return
-        host = entry & L2E_OFFSET_MASK
-        if host & (self.cluster_size - 1):
-            raise CorruptImageError(
-                f"Cluster allocation offset 0x{host:x} unaligned "
-                f"(L2 offset: 0x{l2_offset:x}, L2 index: 0x{l2_index:x})")
         alloc_mask = bitmap & 0xFFFFFFFF
         zero_mask = bitmap >> 32
         if alloc_mask & zero_mask:
             raise CorruptImageError(
                 f"Invalid subcluster bitmap 0x{bitmap:x} (L2 offset: 0x{l2_offset:x}, "
                 f"L2 index: 0x{l2_index:x}): subclusters both allocated and zero")
-        allocated = host != 0 or (self.has_data_file and entry & QCOW_OFLAG_COPIED)
+        allocated = host >= 0
         if not allocated and alloc_mask:
             raise CorruptImageError(
                 f"Invalid subcluster bitmap 0x{bitmap:x} for an unallocated cluster "
