@@ -251,7 +251,14 @@ def _create_target(path: str, sources: Sequence[str]) -> Storage:
             pass
     try:
         target = Storage(path, create=True, what="target")
-        target.truncate(0)
+        if target.size:
+            # Empty it through this short-lived descriptor and write through a new one, as
+            # qemu-img does: on ext4 (auto_da_alloc) a truncation to 0 makes the next close()
+            # flush the file; let that be this close, on an empty file, not the final one after
+            # the copy (which then costs ~0.25 s per 768 MiB and a synchronous writeback)
+            target.truncate(0)
+            target.close()
+            target = Storage(path, writable=True, what="target")
     except Qcow2Error as e:
         raise CliError(f"{path}: error while converting raw: {e}") from None
     return target

@@ -8,7 +8,6 @@ integers as JSON numbers.  An :class:`EventEmitter` holds the subscribers (calla
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ class Event:
 
     def to_json(self) -> str:
         """One line of JSON (the QMP wire form)."""
+        import json  # lazily: most processes never emit an event
+
         return json.dumps(self.to_qmp(), separators=(", ", ": "))
 
 
