@@ -4,9 +4,8 @@ Options, output formats, messages and exit codes follow qemu-img / qemu-io 7.2, 
 written for them keep working.  Every error ends as one ``qcow2-tool: <message>`` line on stderr and
 exit status 1; never a traceback.  Open failures read ``Could not open 'X': <reason>``.
 
-``convert`` reads the source by allocation extents in 2 MiB aligned chunks into one reused buffer
-and writes the target through :class:`~qcow2.storage.Storage` only; zero extents, and zero runs of
-``-S`` bytes (4 KiB by default) inside data, are left as holes of the (truncated) target.
+``convert`` copies with :func:`qcow2.convert.copy_to_raw` and writes the target through
+:class:`~qcow2.storage.Storage` only.
 """
 
 from __future__ import annotations
@@ -21,12 +20,11 @@ from .image import Image, open_layer
 from .info import (MapOutputError, dumps_qemu_json, format_info_human, format_map_human,
                    format_map_json, image_info, raw_info)
 from .qemu_io import Session, command_writes
+from .convert import DEFAULT_SPARSE_SIZE, copy_to_raw
 from .storage import Storage
 from .units import INT64_MAX, SizeError, parse_size
 
 PROG = "qcow2-tool"
-CONVERT_CHUNK_SIZE = 2 << 20
-DEFAULT_SPARSE_SIZE = 4096
 MAX_SPARSE_SIZE = 16 << 20
 _SUFFIX_HINT = ("You may use k, M, G, T, P or E suffixes for\n"
                 "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
@@ -188,50 +186,6 @@ class _Progress:
             sys.stdout.flush()
 
 
-def _write_sparse(dst: Storage, buf: bytearray, n: int, guest_offset: int, granularity: int,
-                  zeros: bytes) -> None:
-    """Write ``buf[:n]`` at ``guest_offset`` except aligned all-zero blocks of ``granularity``
-    bytes (left as holes).  C-speed checks: one compare for an all-zero chunk, one ``find`` to
-    rule out any zero block, a per-block scan only for mixed chunks."""
-    view = memoryview(buf)
-    if granularity == 0:
-        dst.pwrite(view[:n], guest_offset)
-        return
-    if buf.startswith(zeros if n == len(zeros) else bytes(n)):
-        return
-    zero_block = zeros[:granularity] if granularity <= len(zeros) else bytes(granularity)
-    if buf.find(zero_block, 0, n) < 0:
-        dst.pwrite(view[:n], guest_offset)
-        return
-    run_start = -1
-    pos = 0
-    while pos < n:
-        step = min(granularity - (guest_offset + pos) % granularity, n - pos)
-        block_zero = step == granularity and buf.startswith(zero_block, pos, pos + step)
-        if block_zero:
-            if run_start >= 0:
-                dst.pwrite(view[run_start:pos], guest_offset + run_start)
-                run_start = -1
-        elif run_start < 0:
-            run_start = pos
-        pos += step
-    if run_start >= 0:
-        dst.pwrite(view[run_start:n], guest_offset + run_start)
-
-
-def _data_ranges(extents) -> list[tuple[int, int]]:
-    """Merge consecutive extents that need copying into ``(start, end)`` guest ranges."""
-    ranges: list[tuple[int, int]] = []
-    for e in extents:
-        if e.zero:
-            continue
-        if ranges and ranges[-1][1] == e.start:
-            ranges[-1] = (ranges[-1][0], e.start + e.length)
-        else:
-            ranges.append((e.start, e.start + e.length))
-    return ranges
-
-
 def _snapshot_arg(text: str) -> str:
     for prefix in ("snapshot.id=", "snapshot.name="):
         if text.startswith(prefix):
@@ -287,23 +241,11 @@ def cmd_convert(args) -> int:
             except Qcow2Error:
                 raise CliError("Failed to load snapshot: Can't find snapshot") from None
         size = reader.size
-        extents = reader.map() if granularity else []
-        ranges = _data_ranges(extents) if granularity else [(0, size)]
         dst = _create_target(args.target, [img.filename, *_layer_filenames(img)])
         try:
             dst.truncate(size)
             progress = _Progress(args.progress and not args.quiet, size)
-            buf = bytearray(CONVERT_CHUNK_SIZE)
-            view = memoryview(buf)
-            zeros = bytes(CONVERT_CHUNK_SIZE)
-            for start, end in ranges:
-                pos = start
-                while pos < end:
-                    n = min(CONVERT_CHUNK_SIZE - pos % CONVERT_CHUNK_SIZE, end - pos)
-                    reader.readinto(view[:n], pos)
-                    _write_sparse(dst, buf, n, pos, granularity, zeros)
-                    pos += n
-                    progress.update(pos)
+            copy_to_raw(reader, dst, sparse_size=granularity, progress=progress.update)
             progress.finish()
         finally:
             dst.close()
