@@ -445,7 +445,6 @@ class RangeMap:
                                      out_m[pos:pos + sz]))
             pos += sz
         old_blocks = self._blocks[i0:i1 + 1]
-        old_bytes = sum(b.size for b in old_blocks)
         new_bytes = sum(b.size for b in new_blocks)
         nb_new = nb - len(old_blocks) + len(new_blocks)
         used = self.memory_used

@@ -17,8 +17,8 @@ from typing import Sequence
 
 from .errors import Qcow2Error
 from .image import Image, open_layer
-from .info import (MapOutputError, dumps_qemu_json, format_info_human, format_map_human,
-                   format_map_json, image_info, raw_info)
+from .info import (MapOutputError, dumps_qemu_json, format_info_human, iter_map_human,
+                   iter_map_json, image_info, raw_info)
 from .qemu_io import Session, command_writes
 from .convert import DEFAULT_SPARSE_SIZE, copy_to_raw
 from .storage import Storage
@@ -86,7 +86,7 @@ def _backing_chain_info(path: str, fmt: str | None) -> list:
         layer = open_image(path, fmt, open_backing=False)
         layers.append(layer)
         seen = {os.path.realpath(path)}
-        while getattr(layer, "format", "raw") == "qcow2" and layer.header.backing_file is not None:
+        while getattr(layer, "format", "raw") == "qcow2" and layer.header.backing_file_name is not None:
             full = layer.full_backing_filename
             real = os.path.realpath(full)
             if real in seen:
@@ -148,14 +148,15 @@ def cmd_map(args) -> int:
     max_length = _parse_offset(args.max_length, "max length") if args.max_length else None
     with open_image(args.filename, args.format) as img:
         end = img.size if max_length is None else min(img.size, start + max_length)
-        extents = img.map(start, end - start) if end > start else []
+        extents = img.iter_map(start, end - start) if end > start else iter(())
         if output == "json":
-            sys.stdout.write(format_map_json(extents, start))
-            return 0
+            pieces = iter_map_json(extents, start)
+        else:
+            pieces = iter_map_human(extents, _layer_filenames(img))
         try:
-            sys.stdout.write(format_map_human(extents, _layer_filenames(img)))
+            for piece in pieces:   # streamed: memory stays bounded on any number of extents
+                sys.stdout.write(piece)
         except MapOutputError as e:
-            sys.stdout.write(e.text)
             raise CliError(str(e)) from None
     return 0
 
@@ -237,7 +238,7 @@ def cmd_convert(args) -> int:
         reader = img
         if args.snapshot is not None:
             try:
-                reader = img.snapshot(_snapshot_arg(args.snapshot))
+                reader = img.snapshot(_snapshot_arg(args.snapshot), size=img.size)
             except Qcow2Error:
                 raise CliError("Failed to load snapshot: Can't find snapshot") from None
         size = reader.size
@@ -348,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug of ours: still one line and qemu-img's failure status
+        _print_error(f"internal error: {type(e).__name__}: {e} (please report this bug)")
+        return 1
     finally:
         try:
             sys.stdout.flush()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 from array import array
 from collections import OrderedDict
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from .constants import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
                         QCOW_OFLAG_ZERO, SUBCLUSTERS_PER_CLUSTER)
@@ -87,7 +87,7 @@ class Mapping:
     """Maps guest ranges of one L1 table (the active one or a snapshot's) to segments."""
 
     def __init__(self, *, l1, size: int, cluster_bits: int, extended_l2: bool,
-                 has_data_file: bool, l2_cache: L2Cache):
+                 has_data_file: bool, l2_cache: L2Cache, zero_flag: bool = True):
         self.l1 = l1
         self.size = size
         self.cluster_bits = cluster_bits
@@ -95,6 +95,7 @@ class Mapping:
         self.extended_l2 = extended_l2
         self.has_data_file = has_data_file
         self.l2_cache = l2_cache
+        self.zero_flag = zero_flag  # version 3: bit 0 of an L2 entry means "reads as zeros"
         entry_size = 16 if extended_l2 else 8
         self.l2_bits = cluster_bits - (4 if extended_l2 else 3)
         self.l2_entries = self.cluster_size // entry_size
@@ -112,11 +113,16 @@ class Mapping:
         return l2_offset
 
     def segments(self, guest_offset: int, length: int) -> list[Segment]:
-        """Split ``[guest_offset, guest_offset+length)`` into merged segments.
+        """Split ``[guest_offset, guest_offset+length)`` into merged segments (a list).
 
         Costs O(clusters in the range) Python steps plus one L2 cache lookup per L2 table touched.
         The caller has checked the range against the virtual size.
         """
+        return list(self.iter_segments(guest_offset, length))
+
+    def iter_segments(self, guest_offset: int, length: int) -> Iterator[Segment]:
+        """:meth:`segments` as a generator: memory bounded by one L2 table's segments, whatever
+        the size of the range."""
         out: list[Segment] = []
         end = guest_offset + length
         cluster_bits = self.cluster_bits
@@ -128,6 +134,9 @@ class Mapping:
             l1_index, l2_index = divmod(cluster_index, l2_entries)
             l2_offset = self.l2_table_offset(l1_index)
             table_end = min(end, ((l1_index + 1) * l2_entries) << cluster_bits)
+            if len(out) > 1:  # all but the last are final: the next may merge into the last
+                yield from out[:-1]
+                del out[:-1]
             if not l2_offset:
                 _append(out, UNALLOCATED, pos, table_end - pos, -1)
                 pos = table_end
@@ -148,7 +157,7 @@ class Mapping:
                     self._standard(out, entry, l2_offset, l2_index, pos, in_cluster, n)
                 pos += n
                 l2_index += run
-        return out
+        yield from out
 
     def _run_length(self, table, l2_index: int, nb_entries: int, entry: int) -> int:
         """How many standard L2 entries from ``l2_index`` (at most ``nb_entries``) continue
@@ -212,6 +221,10 @@ class Mapping:
         if host is None:
             out.append(Segment(COMPRESSED, pos, n, entry))
         elif entry & QCOW_OFLAG_ZERO:
+            if not self.zero_flag:
+                raise CorruptImageError(
+                    f"Zero cluster entry found in pre-v3 image (L2 offset: 0x{l2_offset:x}, "
+                    f"L2 index: 0x{l2_index:x})")
             _append(out, ZERO, pos, n, host + in_cluster if host >= 0 else -1)
         elif host >= 0:
             _append(out, DATA, pos, n, host + in_cluster)

@@ -12,7 +12,7 @@ nothing here: both are page-cache copies on the same two cores.)
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 from .storage import Storage
 
@@ -29,7 +29,7 @@ def copy_to_raw(reader, target: Storage, *, sparse_size: int = DEFAULT_SPARSE_SI
     called after each chunk.  O(disk size / CHUNK_SIZE) Python steps.
     """
     size = reader.size
-    ranges = _data_ranges(reader.map()) if sparse_size else [(0, size)]
+    ranges = _data_ranges(reader.iter_map()) if sparse_size else [(0, size)]
     zeros = bytes(CHUNK_SIZE)
     buf = bytearray(CHUNK_SIZE)
     view = memoryview(buf)
@@ -77,14 +77,17 @@ def _write_sparse(dst: Storage, buf: bytearray, n: int, guest_offset: int, granu
         dst.pwrite(view[run_start:n], guest_offset + run_start)
 
 
-def _data_ranges(extents) -> list[tuple[int, int]]:
-    """Merge consecutive extents that need copying into ``(start, end)`` guest ranges."""
-    ranges: list[tuple[int, int]] = []
+def _data_ranges(extents) -> Iterator[tuple[int, int]]:
+    """Merge consecutive extents that need copying into ``(start, end)`` guest ranges (lazily)."""
+    run = None
     for e in extents:
         if e.zero:
             continue
-        if ranges and ranges[-1][1] == e.start:
-            ranges[-1] = (ranges[-1][0], e.start + e.length)
-        else:
-            ranges.append((e.start, e.start + e.length))
-    return ranges
+        if run is not None and run[1] == e.start:
+            run = (run[0], e.start + e.length)
+            continue
+        if run is not None:
+            yield run
+        run = (e.start, e.start + e.length)
+    if run is not None:
+        yield run

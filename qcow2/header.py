@@ -219,8 +219,17 @@ class Header:
 
     @property
     def data_file(self) -> str | None:
+        """The external data file name (cut at the first NUL byte, as QEMU reads C strings)."""
         ext = self.extension(C.EXT_DATA_FILE)
-        return None if ext is None else _decode_str(ext.data)
+        return None if ext is None else _decode_str(ext.data.split(b"\0", 1)[0])
+
+    @property
+    def backing_file_name(self) -> str | None:
+        """The backing file name as QEMU uses it: cut at the first NUL byte; an empty name means
+        no backing file.  (:attr:`backing_file` keeps the stored bytes for re-encoding.)"""
+        if self.backing_file is None:
+            return None
+        return self.backing_file.split("\0", 1)[0] or None
 
     @property
     def feature_names(self) -> tuple[FeatureName, ...]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 from . import constants as C
 from .cluster import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Cache, Mapping
@@ -119,7 +119,8 @@ class _Device:
             work.append((below, dst[:covered], guest_offset))
         _fill_zeros(dst[covered:])
 
-    def block_status(self, offset: int, length: int) -> list[Status]:  # pragma: no cover
+    def block_status(self, offset: int, length: int) -> Iterator[Status]:  # pragma: no cover
+        """This layer's status of the range, in order (without looking at the backing file)."""
         raise NotImplementedError
 
     def pread(self, length: int, offset: int) -> bytes:
@@ -130,53 +131,67 @@ class _Device:
         return bytes(buf)
 
     def map(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        """Allocation map of ``[offset, offset+length)`` through the whole backing chain, as a list
+        (see :meth:`iter_map`)."""
+        return list(self.iter_map(offset, length))
+
+    def iter_map(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         """Allocation map of ``[offset, offset+length)`` through the whole backing chain.
 
         Adjacent extents with equal flags and contiguous host offsets are merged, as qemu-img map
-        merges them.  O(clusters in the range) per layer consulted.
+        merges them.  A generator: memory stays bounded however many extents the disk has.
+        O(clusters in the range) per layer consulted.
         """
         if length is None:
             length = max(0, self.size - offset)
         _check_request(offset, length, self.size)
-        out: list[Extent] = []
+        last = None
         for ext in _chain_status(self, offset, length):
-            if out:
-                last = out[-1]
+            if last is not None:
                 if (last.depth == ext.depth and last.present == ext.present
                         and last.zero == ext.zero and last.data == ext.data
                         and (last.offset is None) == (ext.offset is None)
                         and (last.offset is None or last.offset + last.length == ext.offset)):
-                    out[-1] = Extent(last.start, last.length + ext.length, last.depth,
-                                     last.present, last.zero, last.data, last.offset)
+                    last = Extent(last.start, last.length + ext.length, last.depth,
+                                  last.present, last.zero, last.data, last.offset)
                     continue
-            out.append(ext)
-        return out
+                yield last
+            last = ext
+        if last is not None:
+            yield last
 
 
-def _chain_status(top: _Device, offset: int, length: int) -> list[Extent]:
-    """Block status down the backing chain, iteratively (chains may be thousands deep).
+def _chain_status(top: _Device, offset: int, length: int) -> Iterator[Extent]:
+    """Block status down the backing chain, in guest order, without recursion (chains may be
+    thousands deep): a stack of per-layer walks, each of which either yields a final extent or
+    asks for a range of the layer below to be walked first."""
+    stack = [_layer_walk(top, offset, length, 0)]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+        elif isinstance(item, Extent):
+            yield item
+        else:
+            stack.append(_layer_walk(*item))
 
-    A range a layer does not allocate is asked of its backing device, one level deeper; the part
-    past the backing device's end reads as zeros at the layer's own depth, as qemu-img reports it.
-    """
-    out: list[Extent] = []
-    work = [(top, offset, length, 0)]
-    while work:
-        dev, pos, n, depth = work.pop()
-        for st in dev.block_status(pos, n):
-            if st.present:
-                out.append(Extent(pos, st.length, depth, True, st.zero, st.data, st.offset))
-            else:
-                below = dev.backing
-                covered = min(st.length, below.size - pos) if below and pos < below.size else 0
-                if covered:
-                    work.append((below, pos, covered, depth + 1))
-                if covered < st.length:
-                    out.append(Extent(pos + covered, st.length - covered, depth, False, True,
-                                      False, None if st.offset is None else st.offset + covered))
-            pos += st.length
-    out.sort(key=lambda e: e.start)
-    return out
+
+def _layer_walk(dev: _Device, pos: int, length: int, depth: int):
+    """One layer's part of :func:`_chain_status`.  A range the layer does not allocate is asked
+    of its backing device, one level deeper; the part past the backing device's end reads as
+    zeros at the layer's own depth, as qemu-img reports it."""
+    for st in dev.block_status(pos, length):
+        if st.present:
+            yield Extent(pos, st.length, depth, True, st.zero, st.data, st.offset)
+        else:
+            below = dev.backing
+            covered = min(st.length, below.size - pos) if below and pos < below.size else 0
+            if covered:
+                yield (below, pos, covered, depth + 1)
+            if covered < st.length:
+                yield Extent(pos + covered, st.length - covered, depth, False, True, False,
+                             None if st.offset is None else st.offset + covered)
+        pos += st.length
 
 
 class RawImage(_Device):
@@ -192,13 +207,11 @@ class RawImage(_Device):
     def _read_layer(self, dst: memoryview, guest_offset: int, work: list) -> None:
         self._file.readinto(dst, guest_offset)
 
-    def block_status(self, offset: int, length: int) -> list[Status]:
+    def block_status(self, offset: int, length: int) -> Iterator[Status]:
         """Data vs holes from ``SEEK_DATA``/``SEEK_HOLE``; holes read as zeros."""
-        out = []
         for n, is_data in self._file.data_runs(offset, length):
-            out.append(Status(n, True, not is_data, is_data, offset))
+            yield Status(n, True, not is_data, is_data, offset)
             offset += n
-        return out
 
     @property
     def actual_size(self) -> int:
@@ -235,27 +248,25 @@ class _Qcow2Reader(_Device):
                 start = seg_offset & (img.cluster_size - 1)
                 part[:] = cluster[start:start + n]
 
-    def block_status(self, offset: int, length: int) -> list[Status]:
-        out = []
+    def block_status(self, offset: int, length: int) -> Iterator[Status]:
         prealloc = None
-        for kind, _, n, host in self._mapping.segments(offset, length):
+        for kind, _, n, host in self._mapping.iter_segments(offset, length):
             if kind == DATA:
                 if prealloc is None:
                     prealloc = self._image.metadata_preallocated
                 if not prealloc:
-                    out.append(Status(n, True, False, True, host))
+                    yield Status(n, True, False, True, host)
                     continue
                 # QEMU asks the host file about preallocated images: holes read as zeros
                 for run, is_data in self._image._data.data_runs(host, n):
-                    out.append(Status(run, True, not is_data, True, host))
+                    yield Status(run, True, not is_data, True, host)
                     host += run
             elif kind == ZERO:
-                out.append(Status(n, True, True, False, host if host >= 0 else None))
+                yield Status(n, True, True, False, host if host >= 0 else None)
             elif kind == COMPRESSED:
-                out.append(Status(n, True, False, True, None))
+                yield Status(n, True, False, True, None)
             else:
-                out.append(Status(n, False, False, False, host if host >= 0 else None))
-        return out
+                yield Status(n, False, False, False, host if host >= 0 else None)
 
     def as_file(self) -> "ImageFile":
         """A read-only, seekable ``io.RawIOBase`` view of the guest disk."""
@@ -310,17 +321,18 @@ class Image(_Qcow2Reader):
         self.l1_table = self._read_l1(h.l1_table_offset, h.l1_size)
         self._mapping = self._make_mapping(self.l1_table, self.size)
         self.snapshots: tuple[SnapshotEntry, ...] = self._read_snapshot_table()
+        self._bitmaps = self._read_bitmap_directory()  # QEMU refuses a broken one at open
 
     def _read_l1(self, offset: int, nb_entries: int):
         """An L1 table; entries past end of file read as 0 and are not even allocated."""
-        return decode_u64_table(self._file.pread_in_file(nb_entries * 8, offset))
+        return decode_u64_table(self._file.pread_in_file(nb_entries * 8, offset, 8))
 
     def _open_chain(self) -> None:
         """Open the backing chain layer by layer (no recursion: chains may be very deep)."""
         seen = {os.path.realpath(self.filename)}
         layer: _Device = self
-        while isinstance(layer, Image) and layer.header.backing_file is not None:
-            name = layer.header.backing_file
+        while isinstance(layer, Image) and layer.header.backing_file_name is not None:
+            name = layer.header.backing_file_name
             path = _relative_to(layer.filename, name)
             real = os.path.realpath(path)
             if real in seen:
@@ -334,7 +346,7 @@ class Image(_Qcow2Reader):
         h = self.header
         return Mapping(l1=l1, size=size, cluster_bits=h.cluster_bits,
                        extended_l2=h.extended_l2, has_data_file=h.has_data_file,
-                       l2_cache=self._l2_cache)
+                       l2_cache=self._l2_cache, zero_flag=h.version >= 3)
 
     def _read_snapshot_table(self) -> tuple[SnapshotEntry, ...]:
         """Read exactly the bytes of the snapshot table (walking entry headers), then decode."""
@@ -404,8 +416,11 @@ class Image(_Qcow2Reader):
         return self._preallocated
 
     def bitmap_directory(self) -> tuple[BitmapDirectoryEntry, ...]:
-        """The persistent dirty bitmaps' directory entries, validated as QEMU validates them when
-        it loads bitmaps; empty when the image has none (or an untrusted bitmaps extension)."""
+        """The persistent dirty bitmaps' directory entries, validated at open as QEMU validates
+        them; empty when the image has none (or an untrusted bitmaps extension)."""
+        return self._bitmaps
+
+    def _read_bitmap_directory(self) -> tuple[BitmapDirectoryEntry, ...]:
         ext = self.header.bitmaps
         if ext is None or not ext.nb_bitmaps:
             return ()
@@ -417,12 +432,12 @@ class Image(_Qcow2Reader):
     @property
     def backing_filename(self) -> str | None:
         """The backing file name as stored in the header (not resolved)."""
-        return self.header.backing_file
+        return self.header.backing_file_name
 
     @property
     def full_backing_filename(self) -> str | None:
         """The backing file name resolved against the image's directory, as qemu-img shows it."""
-        name = self.header.backing_file
+        name = self.header.backing_file_name
         return None if name is None else _relative_to(self.filename, name)
 
     @property
@@ -430,10 +445,15 @@ class Image(_Qcow2Reader):
         """Bytes the image file occupies on the host (qemu-img info's actual-size)."""
         return self._file.allocated_size()
 
-    def snapshot(self, name_or_id: str) -> "SnapshotView":
-        """A read-only view of an internal snapshot, found by id first, then by name."""
+    def snapshot(self, name_or_id: str, size: int | None = None) -> "SnapshotView":
+        """A read-only view of an internal snapshot, found by id first, then by name.
+
+        The view has the snapshot's own disk size unless ``size`` is given (``qemu-img convert
+        -l`` reads a snapshot at the image's current size: beyond the snapshot's tables the
+        backing file shows through, or zeros).
+        """
         entry = self.find_snapshot(name_or_id)
-        return SnapshotView(self, entry)
+        return SnapshotView(self, entry, size)
 
     def find_snapshot(self, name_or_id: str) -> SnapshotEntry:
         for attr in ("id_str", "name"):
@@ -477,7 +497,7 @@ class Image(_Qcow2Reader):
 class SnapshotView(_Qcow2Reader):
     """Read-only view of an internal snapshot: its L1 table over the image's files."""
 
-    def __init__(self, image: Image, entry: SnapshotEntry):
+    def __init__(self, image: Image, entry: SnapshotEntry, size: int | None = None):
         h = image.header
         if entry.l1_size > C.QCOW_MAX_L1_SIZE // 8:
             raise FormatError(f"Snapshot L1 table too large: l1_size {entry.l1_size}")
@@ -488,7 +508,9 @@ class SnapshotView(_Qcow2Reader):
         self._image = image
         self.filename = image.filename
         self.backing = image.backing
-        self.size = entry.disk_size if entry.disk_size is not None else image.size
+        if size is None:
+            size = entry.disk_size if entry.disk_size is not None else image.size
+        self.size = size & ~(C.SECTOR_SIZE - 1)
         l1 = image._read_l1(entry.l1_table_offset, entry.l1_size)
         self._mapping = image._make_mapping(l1, self.size)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from .errors import Qcow2Error
 from .units import format_size
@@ -62,7 +62,7 @@ def _one_info(img) -> dict:
         return raw_info(img)
     h = img.header
     d: dict = {}
-    if h.backing_file is not None and h.backing_format is not None:
+    if h.backing_file_name is not None and h.backing_format is not None:
         d["backing-filename-format"] = h.backing_format
     if img.snapshots:
         d["snapshots"] = [_snapshot_info(sn) for sn in img.snapshots]
@@ -72,12 +72,12 @@ def _one_info(img) -> dict:
     d["format"] = "qcow2"
     d["actual-size"] = img.actual_size
     d["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(img)}
-    if h.backing_file is not None:
+    if h.backing_file_name is not None:
         d["full-backing-filename"] = img.full_backing_filename
     if h.crypt_method:
         d["encrypted"] = True
-    if h.backing_file is not None:
-        d["backing-filename"] = h.backing_file
+    if h.backing_file_name is not None:
+        d["backing-filename"] = h.backing_file_name
     d["dirty-flag"] = h.dirty
     return d
 
@@ -262,20 +262,26 @@ def format_info_human(d) -> str:
 
 
 # -- map ------------------------------------------------------------------------------------------
-def format_map_json(extents: Iterable["Extent"], start: int = 0) -> str:
-    """``qemu-img map --output=json`` text, byte for byte (newline-terminated).  An empty range
-    prints one zero-length entry at ``start``, as qemu-img does."""
-    rows = []
+def iter_map_json(extents: Iterable["Extent"], start: int = 0) -> Iterator[str]:
+    """``qemu-img map --output=json`` text, byte for byte, in pieces as the extents come.  An
+    empty range prints one zero-length entry at ``start``, as qemu-img does."""
+    first = True
     for e in extents:
         row = (f'{{ "start": {e.start}, "length": {e.length}, "depth": {e.depth},'
                f' "present": {_b(e.present)}, "zero": {_b(e.zero)}, "data": {_b(e.data)}')
         if e.offset is not None:
             row += f', "offset": {e.offset}'
-        rows.append(row + "}")
-    if not rows:
-        rows.append(f'{{ "start": {start}, "length": 0, "depth": 0, "present": false,'
-                    f' "zero": false, "data": false}}')
-    return "[" + ",\n".join(rows) + "]\n"
+        yield ("[" if first else ",\n") + row + "}"
+        first = False
+    if first:
+        yield (f'[{{ "start": {start}, "length": 0, "depth": 0, "present": false,'
+               f' "zero": false, "data": false}}')
+    yield "]\n"
+
+
+def format_map_json(extents: Iterable["Extent"], start: int = 0) -> str:
+    """:func:`iter_map_json` as one string (newline-terminated)."""
+    return "".join(iter_map_json(extents, start))
 
 
 def _b(flag: bool) -> str:
@@ -291,19 +297,29 @@ class MapOutputError(Qcow2Error):
         self.text = text
 
 
-def format_map_human(extents: Iterable["Extent"], filenames: Sequence[str]) -> str:
-    """``qemu-img map`` human text; ``filenames[depth]`` names the host file of each layer.
+def iter_map_human(extents: Iterable["Extent"], filenames: Sequence[str]) -> Iterator[str]:
+    """``qemu-img map`` human text in lines; ``filenames[depth]`` names each layer's host file.
 
-    Only data that is not zero is listed.  Raises :class:`MapOutputError` (with the text so far)
-    on a data extent without a host offset, as qemu-img refuses those.
+    Only data that is not zero is listed.  Raises :class:`MapOutputError` on a data extent
+    without a host offset, as qemu-img refuses those.
     """
-    out = ["Offset          Length          Mapped to       File\n"]
+    yield "Offset          Length          Mapped to       File\n"
     for e in extents:
         if e.data and e.offset is None:
-            raise MapOutputError("".join(out))
+            raise MapOutputError("")
         if e.data and not e.zero:
-            out.append("%-16s%-16s%-16s%s\n" % (_hex(e.start), _hex(e.length), _hex(e.offset),
-                                                filenames[e.depth]))
+            yield "%-16s%-16s%-16s%s\n" % (_hex(e.start), _hex(e.length), _hex(e.offset),
+                                            filenames[e.depth])
+
+
+def format_map_human(extents: Iterable["Extent"], filenames: Sequence[str]) -> str:
+    """:func:`iter_map_human` as one string; a :class:`MapOutputError` carries the text printed
+    before the offending extent."""
+    out: list[str] = []
+    try:
+        out.extend(iter_map_human(extents, filenames))
+    except MapOutputError:
+        raise MapOutputError("".join(out)) from None
     return "".join(out)
 
 

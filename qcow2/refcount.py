@@ -37,7 +37,7 @@ class RefcountReader:
         """The refcount table as an ``array('Q')`` of raw entries (read on first use)."""
         if self._reftable is None:
             self._reftable = decode_u64_table(
-                self._file.pread_in_file(self._reftable_size, self._reftable_offset))
+                self._file.pread_in_file(self._reftable_size, self._reftable_offset, 8))
         return self._reftable
 
     def _block(self, reftable_index: int):

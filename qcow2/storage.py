@@ -100,10 +100,13 @@ class Storage:
         self.readinto(buf, host_offset)
         return bytes(buf)
 
-    def pread_in_file(self, length: int, host_offset: int) -> bytes:
-        """Like :meth:`pread` but returns only the bytes that exist in the file (possibly fewer),
-        so that a size read from a hostile image never sizes an allocation past the file."""
-        return self.pread(max(0, min(length, self._size - host_offset)), host_offset)
+    def pread_in_file(self, length: int, host_offset: int, unit: int = 1) -> bytes:
+        """Like :meth:`pread` but returns only the whole ``unit``-byte items that exist in the
+        file (possibly fewer bytes), so that a size read from a hostile image never sizes an
+        allocation past the file.  A table cut by the end of the file reads as its existing
+        entries (the missing ones are zero, as QEMU reads them)."""
+        n = max(0, min(length, self._size - host_offset))
+        return self.pread(n - n % unit, host_offset)
 
     def data_runs(self, host_offset: int, length: int) -> list[tuple[int, bool]]:
         """Split the range into ``(length, is_data)`` runs by ``SEEK_DATA``/``SEEK_HOLE``; holes
