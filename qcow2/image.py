@@ -456,7 +456,7 @@ class Image(_Qcow2Reader):
         return SnapshotView(self, entry, size)
 
     def find_snapshot(self, name_or_id: str) -> SnapshotEntry:
-        for attr in ("id_str", "name"):
+        for attr in ("id", "display_name"):
             for entry in self.snapshots:
                 if getattr(entry, attr) == name_or_id:
                     return entry

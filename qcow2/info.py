@@ -87,11 +87,11 @@ def _snapshot_info(sn) -> dict:
     if sn.icount is not None and sn.icount != _ICOUNT_NONE:
         d["icount"] = sn.icount
     d["vm-clock-nsec"] = sn.vm_clock_nsec % 1_000_000_000
-    d["name"] = sn.name
+    d["name"] = sn.display_name
     d["date-sec"] = sn.date_sec
     d["date-nsec"] = sn.date_nsec
     d["vm-clock-sec"] = sn.vm_clock_nsec // 1_000_000_000
-    d["id"] = sn.id_str
+    d["id"] = sn.id
     d["vm-state-size"] = sn.vm_state_size
     return d
 

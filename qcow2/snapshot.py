@@ -70,6 +70,16 @@ class SnapshotEntry:
         return dataclasses.replace(self, **changes)
 
     @property
+    def id(self) -> str:
+        """The id as QEMU uses it: the stored bytes up to the first NUL (C string)."""
+        return self.id_str.split("\0", 1)[0]
+
+    @property
+    def display_name(self) -> str:
+        """The name as QEMU uses it: the stored bytes up to the first NUL (C string)."""
+        return self.name.split("\0", 1)[0]
+
+    @property
     def encoded_size(self) -> int:
         """Bytes this entry takes in the table, padding to the next entry excluded."""
         return snapshot_entry_size(self)

@@ -159,3 +159,18 @@ def test_map_and_convert_stream_many_extents(tmp_path, capsys):
     assert os.path.getsize(out) == 4 << 30
     assert os.stat(out).st_blocks * 512 < 16 * MiB  # zero clusters and zero data stay holes
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("field", [12, 14])  # id_len, name_len of snapshot entry 0
+def test_snapshot_strings_end_at_nul(tmp_path, field):
+    path = create(tmp_path / "snap.qcow2", "4M")
+    qemu_io(path, "write -P 3 0 64k")
+    qemu_img("snapshot", "-c", "s1", path)
+    qemu_img("snapshot", "-c", "s2", path)
+    poke(path, u64(path, 64) + field, b"\xff\xff")
+    theirs = _qemu_info(path)
+    with qcow2.open(path) as img:
+        ours = img.info()
+        assert ours["snapshots"] == theirs["snapshots"]
+        first = theirs["snapshots"][0]
+        assert img.snapshot(first["id"]).entry is img.snapshots[0]
