@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 A guest offset splits into an L1 index, an L2 index and an offset inside the cluster.  The L1 table
-is held in memory as an ``array('Q')``; L2 tables are fetched through the :class:`L2Cache`, which
-decodes each table in one bulk call.  :meth:`Mapping.segments` walks a guest range and returns
+is held in memory as an ``array('Q')``; L2 tables are fetched through a
+:class:`~qcow2.cache.TableCache`, which decodes each table in one bulk call.  :meth:`Mapping.segments` walks a guest range and returns
 *segments*: maximal pieces of one kind whose host bytes are contiguous, so that a reader issues one
 ``preadv`` per contiguous host run, whatever the cluster size.
 
@@ -24,18 +24,15 @@ compressed cluster in an image with an external data file raises ``CorruptImageE
 
 from __future__ import annotations
 
-import threading
 from array import array
-from collections import OrderedDict
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
 from .constants import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
                         QCOW_OFLAG_ZERO, SUBCLUSTERS_PER_CLUSTER)
+from .cache import TableCache
 from .errors import CorruptImageError
-from .tables import decode_u64_table
 
 UNALLOCATED, ZERO, DATA, COMPRESSED = range(4)
-KIND_NAMES = ("unallocated", "zero", "data", "compressed")
 
 
 class Segment(NamedTuple):
@@ -47,49 +44,12 @@ class Segment(NamedTuple):
     host: int
 
 
-class L2Cache:
-    """LRU cache of decoded L2 tables keyed by host offset.
-
-    ``load(host_offset)`` returns an ``array('Q')`` of raw entries (two words per entry with extended
-    L2).  Capacity is in bytes of decoded tables.  Thread-safe.  O(1) per hit.
-    """
-
-    def __init__(self, read: Callable[[int, int], bytes], table_size: int, capacity: int):
-        self._read = read
-        self._table_size = table_size
-        self._max_tables = max(1, capacity // table_size)
-        self._tables: OrderedDict[int, object] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def load(self, host_offset: int):
-        with self._lock:
-            table = self._tables.get(host_offset)
-            if table is not None:
-                self._tables.move_to_end(host_offset)
-                return table
-        table = decode_u64_table(self._read(self._table_size, host_offset))
-        with self._lock:
-            self._tables[host_offset] = table
-            if len(self._tables) > self._max_tables:
-                self._tables.popitem(last=False)
-        return table
-
-    def invalidate(self, host_offset: int | None = None) -> None:
-        """Forget one table (or all of them)."""
-        with self._lock:
-            if host_offset is None:
-                self._tables.clear()
-            else:
-                self._tables.pop(host_offset, None)
-
-
 class Mapping:
     """Maps guest ranges of one L1 table (the active one or a snapshot's) to segments."""
 
-    def __init__(self, *, l1, size: int, cluster_bits: int, extended_l2: bool,
-                 has_data_file: bool, l2_cache: L2Cache, zero_flag: bool = True):
+    def __init__(self, *, l1, cluster_bits: int, extended_l2: bool,
+                 has_data_file: bool, l2_cache: TableCache, zero_flag: bool = True):
         self.l1 = l1
-        self.size = size
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
         self.extended_l2 = extended_l2
@@ -97,7 +57,6 @@ class Mapping:
         self.l2_cache = l2_cache
         self.zero_flag = zero_flag  # version 3: bit 0 of an L2 entry means "reads as zeros"
         entry_size = 16 if extended_l2 else 8
-        self.l2_bits = cluster_bits - (4 if extended_l2 else 3)
         self.l2_entries = self.cluster_size // entry_size
         self.subcluster_bits = cluster_bits - 5 if extended_l2 else cluster_bits
 
@@ -137,6 +96,9 @@ class Mapping:
             if len(out) > 1:  # all but the last are final: the next may merge into the last
                 yield from out[:-1]
                 del out[:-1]
+            if l1_index >= len(self.l1):     # a snapshot's disk may be larger than its L1 table
+                _append(out, UNALLOCATED, pos, end - pos, -1)
+                break
             if not l2_offset:
                 _append(out, UNALLOCATED, pos, table_end - pos, -1)
                 pos = table_end

@@ -50,3 +50,14 @@ def decompress_cluster(data: bytes, cluster_size: int, compression_type: int,
             f"not the cluster size {cluster_size}")
     return out
 
+
+
+def compress_cluster(data: bytes, compression_type: int) -> bytes:
+    """Compress one cluster as QEMU can read it back: raw deflate with a 4 KiB window (QEMU
+    inflates with that window), or one zstd frame.  Releases the GIL while it works."""
+    if compression_type == COMPRESSION_TYPE_ZLIB:
+        c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
+        return c.compress(data) + c.flush()
+    if compression_type == COMPRESSION_TYPE_ZSTD:
+        return _need_zstd().ZstdCompressor().compress(data)
+    raise UnsupportedError(f"Unknown compression type {compression_type}")

@@ -35,7 +35,7 @@ from .errors import FormatError, NotQcow2Error, Qcow2Error, UnsupportedError
 
 __all__ = [
     "HeaderExtension", "FeatureName", "BitmapsExtension", "CryptoHeaderExtension", "Header",
-    "decode_header", "encode_header", "encode_feature_table", "decode_feature_table",
+    "decode_header", "encode_header", "encode_header_fields", "encode_feature_table", "decode_feature_table",
     "default_feature_table", "HEADER_V2_STRUCT", "HEADER_V3_STRUCT",
 ]
 
@@ -570,15 +570,10 @@ def _decode_header(buf: bytes, check: bool, no_io: bool) -> Header:
 
 # -- encoding -------------------------------------------------------------------------------
 
-def encode_header(header: Header) -> bytes:
-    """Serialise a header: fields, extensions (each padded to 8), end marker, then the
-    backing file name at ``backing_file_offset`` (zero fill in between).
-
-    The end marker is left out only when the extensions exactly fill the space before
-    the backing file name (or the cluster), as a decoded header of that shape had none.
-    Raises :class:`FormatError` when the fields cannot be stored (out of range, or the
-    pieces do not fit in cluster 0 / overlap). O(size of the result).
-    """
+def encode_header_fields(header: Header) -> bytes:
+    """Serialise the header's fields only (``header_length`` bytes; 72 for version 2): what a
+    writer rewrites in place when a field changes, leaving extensions and the backing file name
+    untouched.  Raises :class:`FormatError` when a field cannot be stored."""
     h = header
     try:
         fixed = HEADER_V2_STRUCT.pack(
@@ -614,7 +609,20 @@ def encode_header(header: Header) -> bytes:
                 raise FormatError("extra_header given but header_length leaves no room for it")
     except struct.error as exc:
         raise FormatError(f"Header field out of range: {exc}") from None
+    return bytes(out)
 
+
+def encode_header(header: Header) -> bytes:
+    """Serialise a header: fields, extensions (each padded to 8), end marker, then the
+    backing file name at ``backing_file_offset`` (zero fill in between).
+
+    The end marker is left out only when the extensions exactly fill the space before
+    the backing file name (or the cluster), as a decoded header of that shape had none.
+    Raises :class:`FormatError` when the fields cannot be stored (out of range, or the
+    pieces do not fit in cluster 0 / overlap). O(size of the result).
+    """
+    h = header
+    out = bytearray(encode_header_fields(h))
     cluster_size = 1 << h.cluster_bits
     ext_end = h.backing_file_offset or cluster_size
     for ext in h.extensions:

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 Opening an image reads cluster 0 once (the header codec validates it against QEMU's limits), the
-active L1 table (one read, decoded in bulk), the snapshot table and the backing chain.  Nothing else
-is read at open: L2 tables are loaded on demand through :class:`~qcow2.cluster.L2Cache`.
+active L1 table (one read, decoded in bulk), the snapshot table, the bitmap directory and the backing
+chain.  L2 tables are loaded on demand through a :class:`~qcow2.cache.TableCache`.
 
 A read splits the guest range into segments (:meth:`~qcow2.cluster.Mapping.segments`); each
 contiguous host run is read with one ``preadv`` straight into the caller's buffer, zero segments
@@ -15,23 +15,32 @@ snapshot's L1 table.
 
 ``map`` composes the per-layer block status down the backing chain and merges adjacent extents, the
 way ``qemu-img map`` presents them.
+
+Opened ``"r+"``, an image also has a :class:`~qcow2.writer.Writer` and an overlap guard built at
+open and attached to the host file, so every host write is checked.  One re-entrant lock serialises
+writes, reads and flushes of a writable image (reads of a read-only image need none).  A detected
+inconsistency goes through :meth:`Image.signal_corruption`: corrupt bit, ``BLOCK_IMAGE_CORRUPTED``
+(once), and every later write refused.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import threading
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 from . import constants as C
-from .cluster import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Cache, Mapping
+from .cache import TableCache
+from .cluster import COMPRESSED, DATA, UNALLOCATED, ZERO, Mapping
 from .compress import decompress_cluster
-from .events import EventEmitter, Subscriber
-from .errors import BackingError, FormatError, Qcow2Error, RequestError
+from .events import EventEmitter, Subscriber, image_corrupted_event
+from .errors import (BackingError, CorruptImageError, FormatError, Qcow2Error, ReadOnlyError,
+                     RequestError, UnsupportedError)
 from .bitmap import BitmapDirectoryEntry, decode_bitmap_directory
-from .header import decode_header
-from .overlap_types import parse_overlap_check
+from .header import decode_header, encode_header_fields
+from .overlap_types import OL_MAIN_HEADER, OL_MASK_LIMIT, parse_overlap_check
 from .snapshot import SnapshotEntry, decode_snapshot_table
 from .storage import Storage
 from .tables import decode_compressed, decode_u64_table
@@ -280,17 +289,19 @@ class Image(_Qcow2Reader):
                  l2_cache_size: int = DEFAULT_L2_CACHE_SIZE, overlap_check="cached",
                  overlap_mem: int | None = None, node_name: str | None = None,
                  device: str | None = None, on_event: Subscriber | None = None,
-                 _layer_only: bool = False):
+                 _layer_only: bool = False, _repair: bool = False):
         if mode not in ("r", "r+"):
             raise RequestError(f"mode must be 'r' or 'r+', not {mode!r}")
-        if mode == "r+":
-            raise Qcow2Error("writing is not implemented yet; open with mode 'r'")
         parse_overlap_check(overlap_check)  # a bad option fails the open, not the first write
         self.filename = path
         self.mode = mode
         self._image = self
         self._closed = False
-        self._file = Storage(path, writable=False)
+        self._lock = threading.RLock()
+        self._writer = None
+        self._corrupt = False
+        self._l2_cache_size = l2_cache_size
+        self._file = Storage(path, writable=mode == "r+")
         self._data = self._file
         self.backing = None
         self.device = device
@@ -303,6 +314,8 @@ class Image(_Qcow2Reader):
             self._open(open_backing or _layer_only, l2_cache_size)
             if open_backing and not _layer_only:
                 self._open_chain()
+            if mode == "r+":
+                self._open_for_write(_repair)
         except BaseException:
             self.close()
             raise
@@ -315,11 +328,13 @@ class Image(_Qcow2Reader):
         self._last_compressed: tuple[int, bytes] | None = None
         # QEMU opens a relative data file name as given, i.e. relative to the working directory
         self.data_filename = h.data_file
-        if h.data_file is not None and with_io:
-            self._data = Storage(h.data_file, what="data file")
-        self._l2_cache = L2Cache(self._file.pread, h.cluster_size, l2_cache_size)
+        if h.data_file is not None and with_io and self._data is self._file:
+            self._data = Storage(h.data_file, writable=self.mode == "r+", what="data file")
+        cs = h.cluster_size
+        self._l2_cache = TableCache(lambda offset: decode_u64_table(self._file.pread(cs, offset)),
+                                    l2_cache_size // cs)
         self.l1_table = self._read_l1(h.l1_table_offset, h.l1_size)
-        self._mapping = self._make_mapping(self.l1_table, self.size)
+        self._mapping = self._make_mapping(self.l1_table)
         self.snapshots: tuple[SnapshotEntry, ...] = self._read_snapshot_table()
         self._bitmaps = self._read_bitmap_directory()  # QEMU refuses a broken one at open
 
@@ -342,9 +357,9 @@ class Image(_Qcow2Reader):
             layer.backing = _open_backing(path, layer.header.backing_format)
             layer = layer.backing
 
-    def _make_mapping(self, l1, size: int) -> Mapping:
+    def _make_mapping(self, l1) -> Mapping:
         h = self.header
-        return Mapping(l1=l1, size=size, cluster_bits=h.cluster_bits,
+        return Mapping(l1=l1, cluster_bits=h.cluster_bits,
                        extended_l2=h.extended_l2, has_data_file=h.has_data_file,
                        l2_cache=self._l2_cache, zero_flag=h.version >= 3)
 
@@ -387,17 +402,199 @@ class Image(_Qcow2Reader):
     # -- public API ----------------------------------------------------------------------------
     @property
     def guard(self):
-        """The :class:`~qcow2.guard.OverlapGuard` of this image, built from its metadata on first
-        use (a read-only image never writes, so it pays for the map only when asked)."""
-        if self._guard is None:
-            from .guard import OverlapGuard
-            from .metadata import iter_metadata
-            guard = OverlapGuard(
-                self.cluster_size, reference=self.device or self.node_name, events=self.events,
-                source=lambda types: iter_metadata(self, types), **self._guard_options)
-            guard.rebuild()
-            self._guard = guard
-        return self._guard
+        """The :class:`~qcow2.guard.OverlapGuard` of this image.  Built at open for ``"r+"``; for a
+        read-only image on first use (it never writes, so it pays for the map only when asked)."""
+        with self._lock:
+            if self._guard is None:
+                from .guard import OverlapGuard
+                from .metadata import iter_metadata
+                guard = OverlapGuard(
+                    self.cluster_size, reference=self.device or self.node_name, events=self.events,
+                    source=lambda types: iter_metadata(self, types),
+                    on_corruption=self.signal_corruption, **self._guard_options)
+                guard.rebuild()
+                self._guard = guard
+            return self._guard
+
+    # -- writing ------------------------------------------------------------------------------------
+    def _open_for_write(self, repair: bool) -> None:
+        """Second half of an ``"r+"`` open: refuse what cannot be written safely, build the guard,
+        the writer, and bring the header's feature bits up to date."""
+        from .writer import Writer
+        h = self.header
+        if h.corrupt and not repair:
+            raise CorruptImageError("Image is corrupt; cannot be opened read/write")
+        if self._bitmaps:
+            raise UnsupportedError("Writing images with persistent dirty bitmaps is not supported "
+                                   f"({len(self._bitmaps)} bitmaps in '{self.filename}')")
+        self._file.guard = self.guard
+        self._writer = Writer(self)
+        if h.autoclear_features & ~C.AUTOCLEAR_KNOWN:   # set by a program we do not know
+            self._update_header(autoclear_features=h.autoclear_features & C.AUTOCLEAR_KNOWN)
+        if h.dirty and not repair:
+            self._repair_dirty()
+
+    def _repair_dirty(self) -> None:
+        """A dirty image (lazy refcounts, not closed cleanly) gets its refcounts rebuilt at a
+        read-write open, as QEMU does."""
+        from .check import check_image
+        result = check_image(self, repair="all")
+        if result.corruptions or result.check_errors:
+            self.signal_corruption("Could not repair dirty image: "
+                                   f"{result.corruptions} corruptions remain")
+
+    def _update_header(self, **fields) -> None:
+        """Rewrite header fields in place (one write of the fixed part; extensions untouched)."""
+        new = self.header.replace(**fields)
+        self._file.pwrite(encode_header_fields(new), 0, ign=OL_MAIN_HEADER)
+        self.header = new
+
+    def _set_size(self, size: int) -> None:
+        self.size = size
+
+    def _set_l1(self, table) -> None:
+        self.l1_table = table
+        self._mapping.l1 = table
+
+    @property
+    def corrupt(self) -> bool:
+        """Whether corruption was detected (now or by an earlier writer: the corrupt bit)."""
+        return self._corrupt or self.header.corrupt
+
+    def signal_corruption(self, msg: str, offset: int | None = None,
+                          size: int | None = None) -> None:
+        """Mark the image corrupt: the corrupt bit (read-write images), one
+        ``BLOCK_IMAGE_CORRUPTED`` event (later ones are suppressed, as QEMU does), and every later
+        write is refused.  Does not raise; callers raise their own error."""
+        with self._lock:
+            if self._corrupt:
+                return
+            self._corrupt = True
+            if self._writer is not None and not self._closed:
+                new = self.header.replace(
+                    incompatible_features=self.header.incompatible_features | C.INCOMPAT_CORRUPT)
+                try:   # the corrupt bit must get through even if the header overlaps something
+                    self._file.pwrite(encode_header_fields(new), 0, ign=OL_MASK_LIMIT)
+                    self.header = new
+                except Qcow2Error:
+                    pass
+        self.events.emit(image_corrupted_event(self.device or "", self.node_name, msg,
+                                               offset=offset, size=size, fatal=True))
+
+    def _fail_corrupt(self, msg: str) -> None:
+        """Signal corruption and raise :class:`CorruptImageError` (the writer's handler)."""
+        self.signal_corruption(msg)
+        raise CorruptImageError(msg)
+
+    def _begin_write(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise Qcow2Error(f"I/O on closed image '{self.filename}'")
+        if self._writer is None:
+            raise ReadOnlyError(f"'{self.filename}' is opened read-only")
+        if self._corrupt:
+            raise CorruptImageError(f"Image '{self.filename}' is corrupt; writes are refused")
+        _check_request(offset, length, self.size)
+        h = self.header
+        if h.lazy_refcounts and not h.dirty:
+            self._update_header(incompatible_features=h.incompatible_features | C.INCOMPAT_DIRTY)
+            self._file.flush()
+
+    def pwrite(self, data, offset: int) -> int:
+        """Write ``data`` (any bytes-like) at guest ``offset``; returns the number of bytes.
+
+        Allocates clusters, copies on write from the backing file, and never writes metadata
+        directly (metadata is written back in crash-safe order by :meth:`flush`).  Raises
+        ``RequestError`` for a range outside the disk, ``ReadOnlyError`` on a read-only image,
+        ``CorruptImageError``/``OverlapError`` when the image is (found) corrupt."""
+        view = memoryview(data).cast("B")
+        with self._lock:
+            self._begin_write(offset, len(view))
+            if len(view):
+                self._writer.pwrite(view, offset)
+        return len(view)
+
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        """Make the range read as zeros.  Whole clusters (subclusters with extended L2) get the zero
+        flag (version 3; ``may_unmap`` also frees their host clusters) or, on version 2, are
+        deallocated where no backing file shows through; partial ones are written with zeros."""
+        with self._lock:
+            self._begin_write(offset, length)
+            if length:
+                self._writer.write_zeroes(offset, length, may_unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Free the whole clusters in the range (partial clusters at the edges are left alone).
+        Afterwards they read as zeros (version 3) or from the backing file (version 2)."""
+        with self._lock:
+            self._begin_write(offset, length)
+            if length:
+                self._writer.discard(offset, length)
+
+    def write_compressed(self, data, offset: int) -> int:
+        """Write whole clusters compressed (the image's compression type; zstd needs the
+        ``zstandard`` package).  ``offset`` must be cluster aligned and the length a multiple of
+        the cluster size, or end at the end of the disk.  Compression runs in threads."""
+        view = memoryview(data).cast("B")
+        cs = self.cluster_size
+        if offset % cs or (len(view) % cs and offset + len(view) != self.size):
+            raise RequestError(f"Compressed writes need whole clusters: offset 0x{offset:x}, "
+                               f"length 0x{len(view):x}, cluster size 0x{cs:x}")
+        with self._lock:
+            self._begin_write(offset, len(view))
+            if len(view):
+                self._writer.write_compressed(view, offset)
+        return len(view)
+
+    def resize(self, size: int, *, shrink: bool = False) -> None:
+        """Change the virtual size.  Growing may move the L1 table; shrinking needs
+        ``shrink=True`` and frees every cluster past the new end."""
+        if size < 0 or size % C.SECTOR_SIZE:
+            raise RequestError(f"The new size must be a non-negative multiple of 512, not {size}")
+        if size > C.INT64_MAX - (1 << 30):
+            raise RequestError("Image size must be less than 8 EiB!")
+        with self._lock:
+            self._begin_write(0, 0)
+            self._writer.resize(size, shrink)
+
+    def flush(self) -> None:
+        """Write every cached metadata change back in crash-safe order, then fsync the files."""
+        with self._lock:
+            if self._writer is None or self._closed:
+                return
+            if not self._corrupt:
+                self._writer.flush_metadata()
+            self._file.flush()
+            if self._data is not self._file:
+                self._data.flush()
+
+    def flush_metadata(self) -> None:
+        """Write cached metadata back in crash-safe order (no fsync)."""
+        with self._lock:
+            if self._writer is not None and not self._corrupt:
+                self._writer.flush_metadata()
+
+    def reload_metadata(self) -> None:
+        """Forget every cache and re-read the header, tables and snapshots from disk (after the
+        metadata was rewritten behind the caches, e.g. by a repair).  Unflushed changes are lost."""
+        with self._lock:
+            self._open(True, self._l2_cache_size)
+            if self._writer is not None:
+                from .writer import Writer
+                self._writer = Writer(self)
+            if self._guard is not None:
+                self._guard.rebuild()
+
+    def readinto(self, buf, offset: int) -> None:
+        """Read ``len(buf)`` guest bytes at ``offset`` into ``buf`` (see :meth:`pread`)."""
+        if self._writer is None:
+            super().readinto(buf, offset)
+            return
+        with self._lock:
+            super().readinto(buf, offset)
+
+    def map(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        with self._lock:
+            return super().map(offset, length)
 
     @property
     def metadata_preallocated(self) -> bool:
@@ -477,12 +674,28 @@ class Image(_Qcow2Reader):
             layer = below
 
     def _close_layer(self) -> None:
-        if getattr(self, "_closed", True):
+        lock = getattr(self, "_lock", None)
+        if lock is None:
             return
-        self._closed = True
-        if self._data is not self._file:
-            self._data.close()
-        self._file.close()
+        with lock:
+            if self._closed:
+                return
+            try:
+                if self._writer is not None and not self._corrupt:
+                    self._writer.flush_metadata()
+                    if self.header.dirty:
+                        self._file.flush()
+                        self._update_header(
+                            incompatible_features=self.header.incompatible_features
+                            & ~C.INCOMPAT_DIRTY)
+                    self._file.flush()
+                    if self._data is not self._file:
+                        self._data.flush()
+            finally:
+                self._closed = True
+                if self._data is not self._file:
+                    self._data.close()
+                self._file.close()
 
     def __enter__(self) -> "Image":
         return self
@@ -512,7 +725,7 @@ class SnapshotView(_Qcow2Reader):
             size = entry.disk_size if entry.disk_size is not None else image.size
         self.size = size & ~(C.SECTOR_SIZE - 1)
         l1 = image._read_l1(entry.l1_table_offset, entry.l1_size)
-        self._mapping = image._make_mapping(l1, self.size)
+        self._mapping = image._make_mapping(l1)
 
     def close(self) -> None:
         """Views own nothing; closing the image closes them."""

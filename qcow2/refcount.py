@@ -1,64 +1,90 @@
-"""Reading reference counts (the write side joins with the writer).
+"""Reference counts: reading them, and (for a writable image) allocating and freeing clusters.
 
-The refcount table is read once, at first use, and only the part of it inside the file (a damaged
-header may claim a table past the end; entries there count as zero).  Refcount blocks are decoded in
-bulk (:func:`qcow2.tables.decode_refblock`) and kept in a small LRU cache.
+Theory of operation
+-------------------
+The refcount table is read once (only the part inside the file: a damaged header may claim a table
+past the end; entries there count as zero).  Refcount blocks are decoded in bulk
+(:func:`qcow2.tables.decode_refblock`) into a :class:`~qcow2.cache.TableCache`.
+
+:class:`Refcounts` adds the write side.  *Allocation* (:meth:`Refcounts.alloc`) is first fit from a
+hint, over whole clusters; a cluster whose refcount block does not exist yet counts as free.  When
+the run found touches ranges without a refcount block, the run is lengthened by one cluster per
+missing block and the new blocks are placed at its end, so that every new block lies in free space
+and is described by a block that exists or is being created in the same step (blocks may describe
+themselves).  When a block's index lies past the end of the refcount table, the table *grows*: the
+new table and the blocks describing it are placed in a fresh area past every cluster in use, the
+blocks and the table are written, and only then does one header write switch to the new table; the
+old table is freed afterwards.  This also works from a completely full table (QEMU iotest 044) and
+never places a structure on another (iotest 121).
+
+*Crash order* (DESIGN.md rule 5): increments are made in the cache and written before any table that
+points to the new cluster (the image's L2 cache flushes this cache first).  Decrements are *queued*
+(:meth:`Refcounts.decref`) and applied by :meth:`Refcounts.apply_decrefs` only after the tables that
+dropped the reference were written, so a crash can leak a cluster but never free a referenced one.
+A freed cluster cannot be reused before its decrement is applied, because until then its refcount
+is not zero.
 """
 
 from __future__ import annotations
 
+import array
 import threading
-from collections import OrderedDict
+from typing import TYPE_CHECKING, Callable
 
 from . import constants as C
+from .cache import TableCache
+from .errors import CorruptImageError, Qcow2Error
 from .header import Header
+from .overlap_types import OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE
 from .storage import Storage
-from .tables import decode_refblock, decode_u64_table, refblock_entries
+from .tables import decode_refblock, decode_u64_table, encode_refblock, encode_u64_table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .guard import OverlapGuard
 
 _CACHED_BLOCKS = 64
+_REFTABLE_ENTRY = 8
 
 
 class RefcountReader:
-    """Refcount of any host cluster of one image.  Thread-safe."""
+    """Refcount of any host cluster of one image.  Thread-safe for readers."""
 
-    def __init__(self, file: Storage, header: Header):
+    def __init__(self, file: Storage, header: Header, cached_blocks: int = _CACHED_BLOCKS):
         self._file = file
         self._cluster_size = header.cluster_size
+        self._cluster_bits = header.cluster_bits
         self._order = header.refcount_order
-        self._entries = refblock_entries(header.cluster_size, header.refcount_order)
+        self._entries = header.refcount_block_entries
         self._reftable_offset = header.refcount_table_offset
         self._reftable_size = header.refcount_table_clusters * header.cluster_size
-        self._reftable = None
-        self._blocks: OrderedDict[int, object] = OrderedDict()
-        self._lock = threading.Lock()
+        self._reftable: array.array | None = None
+        self._blocks = TableCache(self._read_block, cached_blocks)
+
+    def _read_block(self, host_offset: int):
+        return decode_refblock(self._file.pread(self._cluster_size, host_offset), self._order)
 
     @property
-    def reftable(self):
+    def reftable(self) -> array.array:
         """The refcount table as an ``array('Q')`` of raw entries (read on first use)."""
         if self._reftable is None:
             self._reftable = decode_u64_table(
                 self._file.pread_in_file(self._reftable_size, self._reftable_offset, 8))
         return self._reftable
 
-    def _block(self, reftable_index: int):
-        """Decoded refcount block for one reftable entry, or None when unallocated."""
+    def _block_offset(self, reftable_index: int) -> int:
+        """Host offset of the refcount block for ``reftable_index`` (0 when there is none)."""
         table = self.reftable
         if reftable_index >= len(table):
-            return None
+            return 0
         offset = table[reftable_index] & C.REFT_OFFSET_MASK
-        if not offset or offset & (self._cluster_size - 1):
-            return None
-        with self._lock:
-            block = self._blocks.get(offset)
-            if block is not None:
-                self._blocks.move_to_end(offset)
-                return block
-        block = decode_refblock(self._file.pread(self._cluster_size, offset), self._order)
-        with self._lock:
-            self._blocks[offset] = block
-            if len(self._blocks) > _CACHED_BLOCKS:
-                self._blocks.popitem(last=False)
-        return block
+        if offset & (self._cluster_size - 1):
+            return 0
+        return offset
+
+    def _block(self, reftable_index: int):
+        """Decoded refcount block for one reftable entry, or None when unallocated."""
+        offset = self._block_offset(reftable_index)
+        return self._blocks.load(offset) if offset else None
 
     def refcount(self, cluster_index: int) -> int:
         """Refcount of host cluster ``cluster_index`` (0 where no refcount block covers it)."""
@@ -80,3 +106,235 @@ class RefcountReader:
             part = block[:n]
             count += n - part.count(0)
         return count
+
+
+class Refcounts(RefcountReader):
+    """Refcounts of a writable image: allocation, increments, queued decrements, table growth.
+
+    Not thread-safe by itself: the image calls it under its lock.  ``write_header(**fields)``
+    rewrites header fields in place; ``signal_corruption(msg)`` is the image's corruption handler
+    (it marks the image corrupt and raises).
+    """
+
+    def __init__(self, file: Storage, header: Header, *, guard: "OverlapGuard | None",
+                 write_header: Callable[..., None], signal_corruption: Callable[[str], None],
+                 cached_blocks: int = _CACHED_BLOCKS):
+        super().__init__(file, header, cached_blocks)
+        self._guard = guard
+        self._write_header = write_header
+        self._signal_corruption = signal_corruption
+        self._blocks = TableCache(self._read_block, cached_blocks, write=self._write_block)
+        self._max_refcount = (1 << (1 << self._order)) - 1
+        self.free_hint = 0                               # no free cluster below this index
+        self._pending: list[tuple[int, int]] = []        # queued decrements (cluster_index, count)
+        table = self.reftable
+        missing = self._reftable_size // 8 - len(table)  # cut by the end of the file: zeros
+        if missing > 0:
+            table.extend(array.array("Q", bytes(8 * missing)))
+
+    @property
+    def cache(self) -> TableCache:
+        """The refcount-block cache (the image makes its L2 cache depend on it)."""
+        return self._blocks
+
+    def flush(self) -> None:
+        """Write every dirty refcount block (no fsync)."""
+        self._blocks.flush()
+
+    # -- block access ------------------------------------------------------------------------------
+    def _write_block(self, host_offset: int, block) -> None:
+        self._file.pwrite(encode_refblock(block, self._order), host_offset, ign=OL_REFCOUNT_BLOCK)
+
+    def _block_offset(self, reftable_index: int) -> int:
+        table = self.reftable
+        if reftable_index >= len(table):
+            return 0
+        offset = table[reftable_index] & C.REFT_OFFSET_MASK
+        if offset & (self._cluster_size - 1):
+            self._signal_corruption(f"Refblock offset 0x{offset:x} unaligned "
+                                    f"(reftable index: 0x{reftable_index:x})")
+        return offset
+
+    def _write_reftable_entry(self, reftable_index: int) -> None:
+        entry = encode_u64_table(self.reftable[reftable_index:reftable_index + 1])
+        self._file.pwrite(entry, self._reftable_offset + 8 * reftable_index, ign=OL_REFCOUNT_TABLE)
+
+    # -- counting ------------------------------------------------------------------------------------
+    def add(self, cluster_index: int, delta: int) -> int:
+        """Add ``delta`` to a cluster's refcount now (its block must exist); returns the new value.
+
+        A result outside the entry's range means the refcounts are wrong: corruption."""
+        r, i = divmod(cluster_index, self._entries)
+        offset = self._block_offset(r)
+        if not offset:
+            self._signal_corruption(f"No refcount block covers cluster 0x{cluster_index:x} "
+                                    f"(reftable index 0x{r:x})")
+        block = self._blocks.load(offset)
+        value = block[i] + delta
+        if value < 0 or value > self._max_refcount:
+            self._signal_corruption(f"Refcount of cluster 0x{cluster_index:x} would become "
+                                    f"{value} (refcount_bits {1 << self._order})")
+        block[i] = value
+        self._blocks.mark_dirty(offset, block)
+        if value == 0 and cluster_index < self.free_hint:
+            self.free_hint = cluster_index
+        return value
+
+    def can_add(self, cluster_index: int) -> bool:
+        """Whether one more reference fits in the cluster's refcount entry."""
+        return self.refcount(cluster_index) < self._max_refcount
+
+    def decref(self, cluster_index: int, count: int = 1) -> None:
+        """Queue a decrement, applied by :meth:`apply_decrefs` once the reference is gone on disk."""
+        self._pending.append((cluster_index, count))
+
+    def decref_range(self, host_offset: int, length: int) -> None:
+        """Queue one decrement for every cluster the byte range touches."""
+        first = host_offset >> self._cluster_bits
+        last = (host_offset + length - 1) >> self._cluster_bits
+        for index in range(first, last + 1):
+            self.decref(index)
+
+    @property
+    def nb_pending(self) -> int:
+        """Number of queued decrements."""
+        return len(self._pending)
+
+    def apply_decrefs(self) -> None:
+        """Apply the queued decrements (the caller has written the tables that dropped them)."""
+        pending, self._pending = self._pending, []
+        for index, count in pending:
+            self.add(index, -count)
+
+    # -- allocation ----------------------------------------------------------------------------------
+    def _is_free(self, cluster_index: int) -> bool:
+        block = self._block(cluster_index // self._entries)
+        return block is None or block[cluster_index % self._entries] == 0
+
+    def _find_free(self, nb_clusters: int) -> int:
+        """First index of ``nb_clusters`` consecutive free clusters at or after the hint.
+        A cluster without a refcount block is free.  One C-level scan per full block skipped."""
+        entries = self._entries
+        start = self.free_hint
+        while True:
+            block = self._block(start // entries)
+            if block is not None:
+                try:
+                    start += block.index(0, start % entries) - start % entries
+                except ValueError:                       # the block is full: next one
+                    start += entries - start % entries
+                    continue
+            run = 1
+            while run < nb_clusters and self._is_free(start + run):
+                run += 1
+            if run == nb_clusters:
+                return start
+            start += run + 1
+
+    def _missing_blocks(self, start: int, stop: int) -> list[int]:
+        """Reftable indexes covering clusters ``[start, stop)`` that have no refcount block."""
+        e = self._entries
+        return [r for r in range(start // e, (stop - 1) // e + 1) if not self._block_offset(r)]
+
+    def alloc(self, nb_clusters: int, what: str = "data cluster") -> int:
+        """Allocate ``nb_clusters`` contiguous clusters with refcount 1; returns the host offset.
+
+        The refcounts are set in the cache (written before any table pointing to the clusters).
+        New refcount blocks, and a larger refcount table, are made as needed.  Amortised
+        O(nb_clusters) plus the scan from the hint."""
+        extra = 0
+        while True:
+            start = self._find_free(nb_clusters + extra)
+            missing = self._missing_blocks(start, start + nb_clusters + extra)
+            if len(missing) <= extra:
+                break
+            extra = len(missing)
+        if start == 0:
+            # cluster 0 is the header: the refcount structures are broken
+            kind = "refcount block" if missing and missing[0] == 0 else what
+            self._signal_corruption(f"Preventing invalid allocation of {kind} at offset 0")
+        stop = start + nb_clusters + len(missing)
+        if stop << self._cluster_bits > C.MAX_HOST_OFFSET:
+            raise Qcow2Error(f"Cannot allocate {what}: host offset 0x{stop << self._cluster_bits:x}"
+                             " is past the 2^56 limit")
+        first_block = start + nb_clusters
+        blocks = {r: (first_block + i) << self._cluster_bits for i, r in enumerate(missing)}
+        self._install(blocks, start, stop)
+        self.free_hint = max(self.free_hint, stop)
+        return start << self._cluster_bits
+
+    def _new_blocks(self, blocks: dict[int, int]) -> None:
+        """Create empty refcount blocks in the cache (dirty) and protect them."""
+        cs = self._cluster_size
+        for offset in blocks.values():
+            self._blocks.put(offset, decode_refblock(bytes(cs), self._order))
+            if self._guard is not None:
+                self._guard.enter(offset, cs, OL_REFCOUNT_BLOCK)
+
+    def _install(self, blocks: dict[int, int], first: int, stop: int) -> None:
+        """Create ``blocks`` (reftable index -> host offset), count clusters ``[first, stop)``, and
+        link the blocks into the table only once they are on disk."""
+        self._new_blocks(blocks)
+        if blocks and max(blocks) >= len(self.reftable):
+            self._grow_table(max(blocks) + 1, blocks, first, stop)
+            return
+        for r, offset in blocks.items():
+            self.reftable[r] = offset
+        for index in range(first, stop):
+            self.add(index, 1)
+        if blocks:
+            self._blocks.flush()      # the blocks (and what describes them) before the links
+            for r in sorted(blocks):
+                self._write_reftable_entry(r)
+
+    def _grow_table(self, min_entries: int, blocks: dict[int, int], first: int, stop: int) -> None:
+        """Move the refcount table to a larger one in a fresh area past every cluster in use.
+
+        The area holds the new table followed by the blocks that describe the area itself.  Order:
+        blocks, table, (fsync), one header write switching to the table; then the old table is
+        queued for freeing.  The sizes are found by a fixed-point iteration (a few rounds)."""
+        cs, bits, e = self._cluster_size, self._cluster_bits, self._entries
+        old_entries = len(self.reftable)
+        file_clusters = -(-self._file.size // cs)
+        area = max(stop, file_clusters, old_entries * e)
+        nb_table = nb_area_blocks = 0
+        while True:
+            end = area + nb_table + nb_area_blocks
+            want = max(min_entries, (end - 1) // e + 1 if end > area else 0,
+                       old_entries + old_entries // 2)
+            table_clusters = -(-want * 8 // cs)
+            new_end = area + table_clusters + nb_area_blocks
+            area_ranges = [r for r in range(area // e, (new_end - 1) // e + 1) if r not in blocks]
+            if table_clusters == nb_table and len(area_ranges) == nb_area_blocks:
+                break
+            nb_table, nb_area_blocks = table_clusters, len(area_ranges)
+        table_offset = area << bits
+        area_blocks = {r: (area + nb_table + i) << bits for i, r in enumerate(area_ranges)}
+        self._new_blocks(area_blocks)
+        new_table = array.array("Q", self.reftable)
+        new_table.extend(array.array("Q", bytes(nb_table * cs - 8 * len(new_table))))
+        for r, offset in {**blocks, **area_blocks}.items():
+            new_table[r] = offset
+        old_offset, old_size = self._reftable_offset, self._reftable_size
+        self._reftable = new_table
+        for index in range(first, stop):
+            self.add(index, 1)
+        for index in range(area, area + nb_table + nb_area_blocks):
+            self.add(index, 1)
+        self._blocks.flush()
+        if self._guard is not None:
+            self._guard.enter(table_offset, nb_table * cs, OL_REFCOUNT_TABLE)
+        self._file.pwrite(encode_u64_table(new_table), table_offset, ign=OL_REFCOUNT_TABLE)
+        self._file.flush()
+        self._write_header(refcount_table_offset=table_offset, refcount_table_clusters=nb_table)
+        self._reftable_offset, self._reftable_size = table_offset, nb_table * cs
+        if self._guard is not None and old_size:
+            self._guard.leave(old_offset, old_size, OL_REFCOUNT_TABLE)
+        if old_size and old_offset:
+            self.decref_range(old_offset, old_size)
+
+    def _check(self) -> None:
+        """Invariants: the table has whole clusters of entries; the cache is consistent."""
+        assert len(self.reftable) * 8 == self._reftable_size, (len(self.reftable),
+                                                               self._reftable_size)
+        self._blocks._check()

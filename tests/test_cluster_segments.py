@@ -86,7 +86,7 @@ def _tables(draw):
 def test_segments_equal_one_cluster_model(spec, data):
     cluster_bits, l1, tables, has_data_file = spec
     size = len(l1) * ((1 << cluster_bits) // 8) << cluster_bits
-    mapping = Mapping(l1=l1, size=size, cluster_bits=cluster_bits, extended_l2=False,
+    mapping = Mapping(l1=l1, cluster_bits=cluster_bits, extended_l2=False,
                       has_data_file=has_data_file, l2_cache=_Tables(tables))
     offset = data.draw(st.integers(0, size - 1))
     length = data.draw(st.integers(1, size - offset))
