@@ -159,6 +159,24 @@ class Storage:
                 self._size = end
         return len(view)
 
+    def allocate(self, host_offset: int, length: int, ign: int = 0) -> None:
+        """Reserve zero-filled host blocks for ``[host_offset, +length)`` (``posix_fallocate``),
+        after the guard has cleared the range; the file grows if needed.  Where the file system
+        cannot, nothing happens: the range then reads as zeros from holes, which is the same."""
+        if not self.writable:
+            raise ReadOnlyError(f"'{self.path}' is opened read-only")
+        if self.guard is not None and length:
+            self.guard.check_write(host_offset, length, ign)
+        try:
+            os.posix_fallocate(self.fd, host_offset, length)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return
+            raise Qcow2Error(f"Could not allocate space in '{self.path}' at 0x{host_offset:x}: "
+                             f"{e.strerror}") from None
+        with self._lock:
+            self._size = max(self._size, host_offset + length)
+
     def truncate(self, length: int) -> None:
         """Set the host file length (only growing or shrinking past the last metadata)."""
         if not self.writable:
