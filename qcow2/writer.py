@@ -83,6 +83,7 @@ class Writer:
         self.l2_cache = image._l2_cache
         self.l2_cache.set_writeback(self.write_l2, self.refcounts.flush)
         self.l1_dirty: set[int] = set()
+        self._l2_checked: set[int] = set()   # L2 tables known not to lie on other metadata
         self._compressed_next = 0   # where the next compressed cluster may go (0: a new cluster)
 
     # -- flushing -------------------------------------------------------------------------------
@@ -133,9 +134,11 @@ class Writer:
             self.img._fail_corrupt(f"L2 table offset 0x{l2_offset:x} unaligned "
                                    f"(L1 index: 0x{l1_index:x})")
         if l2_offset and entry & _COPIED:
-            guard = img._guard
-            if guard is not None and guard.overlaps(l2_offset, cs, OL_ACTIVE_L2):
-                guard.check_write(l2_offset, cs, OL_ACTIVE_L2)   # signals and raises
+            if l2_offset not in self._l2_checked:    # an L2 table lying on other metadata
+                guard = img._guard
+                if guard is not None:
+                    guard.check_write(l2_offset, cs, OL_ACTIVE_L2)   # signals and raises
+                self._l2_checked.add(l2_offset)
             return l2_offset, self.l2_cache.load(l2_offset)
         new_offset = self.refcounts.alloc(1, "L2 table")
         if l2_offset:
@@ -184,7 +187,7 @@ class Writer:
         buf = bytearray(length)
         n = max(0, min(length, self.img.size - guest_offset))
         if n:
-            self.img._read_unlocked(memoryview(buf)[:n], guest_offset)
+            self.img.readinto(memoryview(buf)[:n], guest_offset)
         return buf
 
     def _backing_covers(self, guest_offset: int) -> bool:
@@ -263,7 +266,8 @@ class Writer:
         zeros over fresh host space)."""
         if length <= 0:
             return None
-        if old_entry & _ZERO or (old_entry == 0 and not self._backing_covers(guest_offset)):
+        zero_flag = old_entry & _ZERO and not old_entry & _COMPRESSED
+        if zero_flag or (old_entry == 0 and not self._backing_covers(guest_offset)):
             return None if fresh else bytes(length)      # reads as zeros now
         buf = self._current(guest_offset, length)
         if fresh and _is_zero(buf):
@@ -506,6 +510,7 @@ class Writer:
             host = self.refcounts.alloc(1, "compressed cluster")
         self._compressed_next = host + len(comp)
         self.file.pwrite(comp, host)
+        self.img._last_compressed = None    # a reused host offset gives an old descriptor back
         l2_offset, table = self._l2_for_write(guest_offset // (e << bits))
         ci = guest_offset >> bits
         idx = (2 if self.extended else 1) * (ci % e)
@@ -537,9 +542,13 @@ class Writer:
             self._grow_l1(need_l1)
         img._update_header(size=new_size)
         img._set_size(new_size)
-        tail_end = min(new_size, -(-old_size // self.cluster_size) * self.cluster_size)
-        if old_size < tail_end:          # the old last cluster's bytes past the old end
-            self.write_zeroes(old_size, tail_end - old_size, False)
+        # the new area reads as zeros: the old last cluster may hold bytes past the old end, and
+        # a backing file must not show through (QEMU zeroes it too)
+        zero_end = min(new_size, -(-old_size // self.cluster_size) * self.cluster_size)
+        if img.backing is not None:
+            zero_end = max(zero_end, min(new_size, img.backing.size))
+        if old_size < zero_end:
+            self.write_zeroes(old_size, zero_end - old_size, False)
 
     def _shrink(self, new_size: int, old_size: int, need_l1: int) -> None:
         img = self.img
