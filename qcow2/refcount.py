@@ -213,7 +213,8 @@ class Refcounts(RefcountReader):
 
     def _find_free(self, nb_clusters: int) -> int:
         """First index of ``nb_clusters`` consecutive free clusters at or after the hint.
-        A cluster without a refcount block is free.  One C-level scan per full block skipped."""
+        A cluster without a refcount block is free.  Blocks are scanned with C-level slice
+        operations: O(blocks touched) Python steps."""
         entries = self._entries
         start = self.free_hint
         while True:
@@ -224,12 +225,41 @@ class Refcounts(RefcountReader):
                 except ValueError:                       # the block is full: next one
                     start += entries - start % entries
                     continue
-            run = 1
-            while run < nb_clusters and self._is_free(start + run):
-                run += 1
+            run = self._free_run(start, nb_clusters)
             if run == nb_clusters:
                 return start
             start += run + 1
+
+    def _free_run(self, start: int, limit: int) -> int:
+        """Number of consecutive free clusters from ``start`` (at most ``limit``)."""
+        entries = self._entries
+        run = 0
+        while run < limit:
+            index = start + run
+            block = self._block(index // entries)
+            i = index % entries
+            n = min(limit - run, entries - i)
+            if block is not None:
+                part = block[i:i + n]
+                if part.count(0) != n:
+                    return run + next(k for k, v in enumerate(part) if v)
+            run += n
+        return run
+
+    def _count_new(self, first: int, stop: int) -> None:
+        """Give the free clusters ``[first, stop)`` refcount 1, a block slice at a time."""
+        entries = self._entries
+        pos = first
+        while pos < stop:
+            r, i = divmod(pos, entries)
+            n = min(stop - pos, entries - i)
+            offset = self._block_offset(r)
+            block = self._blocks.load(offset)
+            if block[i:i + n].count(0) != n:
+                self._signal_corruption(f"Allocated cluster 0x{pos:x}.. already has a refcount")
+            block[i:i + n] = array.array(block.typecode, (1,)) * n
+            self._blocks.mark_dirty(offset, block)
+            pos += n
 
     def _missing_blocks(self, start: int, stop: int) -> list[int]:
         """Reftable indexes covering clusters ``[start, stop)`` that have no refcount block."""
@@ -280,8 +310,7 @@ class Refcounts(RefcountReader):
             return
         for r, offset in blocks.items():
             self.reftable[r] = offset
-        for index in range(first, stop):
-            self.add(index, 1)
+        self._count_new(first, stop)
         if blocks:
             self._blocks.flush()      # the blocks (and what describes them) before the links
             for r in sorted(blocks):
@@ -317,10 +346,8 @@ class Refcounts(RefcountReader):
             new_table[r] = offset
         old_offset, old_size = self._reftable_offset, self._reftable_size
         self._reftable = new_table
-        for index in range(first, stop):
-            self.add(index, 1)
-        for index in range(area, area + nb_table + nb_area_blocks):
-            self.add(index, 1)
+        self._count_new(first, stop)
+        self._count_new(area, area + nb_table + nb_area_blocks)
         self._blocks.flush()
         if self._guard is not None:
             self._guard.enter(table_offset, nb_table * cs, OL_REFCOUNT_TABLE)

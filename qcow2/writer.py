@@ -527,8 +527,10 @@ class Writer:
         self._compressed_next = 0
 
     # -- resize --------------------------------------------------------------------------------
-    def resize(self, new_size: int, shrink: bool) -> None:
-        """Grow (L1 table grown and moved if needed) or shrink (clusters past the end freed)."""
+    def resize(self, new_size: int, shrink: bool, hide_backing: bool = True) -> None:
+        """Grow (L1 table grown and moved if needed) or shrink (clusters past the end freed).
+        Grown space reads as zeros, also where a backing file could show through, unless
+        ``hide_backing`` is False (a new image)."""
         img = self.img
         old_size = img.size
         bits, e = self.cluster_bits, self.l2_entries
@@ -545,7 +547,7 @@ class Writer:
         # the new area reads as zeros: the old last cluster may hold bytes past the old end, and
         # a backing file must not show through (QEMU zeroes it too)
         zero_end = min(new_size, -(-old_size // self.cluster_size) * self.cluster_size)
-        if img.backing is not None:
+        if img.backing is not None and hide_backing:
             zero_end = max(zero_end, min(new_size, img.backing.size))
         if old_size < zero_end:
             self.write_zeroes(old_size, zero_end - old_size, False)
@@ -610,8 +612,7 @@ class Writer:
         guard = img._guard
         if guard is not None:
             guard.enter(new_offset, new_entries * 8, OL_ACTIVE_L1)
-        self.file.pwrite(encode_u64_table(table).ljust(nb_clusters * cs, b"\0"), new_offset,
-                         ign=OL_ACTIVE_L1)
+        self.file.pwrite(encode_u64_table(table), new_offset, ign=OL_ACTIVE_L1)
         self.file.flush()
         old_offset, old_entries = img.header.l1_table_offset, img.header.l1_size
         img._update_header(l1_size=new_entries, l1_table_offset=new_offset)
@@ -622,3 +623,33 @@ class Writer:
         img._set_l1(table)
         self.l1_dirty.clear()
 
+
+    # -- preallocation ---------------------------------------------------------------------------
+    def preallocate(self, mode: str) -> None:
+        """Map every guest cluster (``metadata``), and reserve (``falloc``) or zero-fill
+        (``full``) its host space; one L2 table at a time, entries set by slice assignment.
+        Data clusters in an external data file map to the same offset there."""
+        img = self.img
+        bits, e, cs = self.cluster_bits, self.l2_entries, self.cluster_size
+        nb_clusters = -(-img.size // cs)
+        width = 2 if self.extended else 1
+        for l1_index in range(-(-nb_clusters // e)):
+            first = l1_index * e
+            n = min(nb_clusters, first + e) - first
+            l2_offset, table = self._l2_for_write(l1_index)
+            host = self._new_host(first, n)
+            table[0:width * n:width] = array.array("Q", range(host | _COPIED,
+                                                              (host | _COPIED) + n * cs, cs))
+            self.l2_cache.mark_dirty(l2_offset, table)
+            end = min(host + n * cs, img.size) if self.has_data_file else host + n * cs
+            if mode == "metadata" and end > self.data.size:
+                self.data.truncate(end)          # the clusters exist in the file (as holes)
+            elif mode == "falloc":
+                self.data.allocate(host, end - host)
+            elif mode == "full":
+                for pos in range(host, end, len(_ZERO_CHUNK)):
+                    self.data.pwrite(memoryview(_ZERO_CHUNK)[:min(len(_ZERO_CHUNK), end - pos)],
+                                     pos)
+            if self.l2_cache.nb_dirty > 64:
+                self.flush_metadata()
+        self.flush_metadata()
