@@ -33,9 +33,10 @@ _SUFFIX_HINT = ("You may use k, M, G, T, P or E suffixes for\n"
 class CliError(Exception):
     """Printed as ``qcow2-tool: <message>`` (each line prefixed), exit status ``status``."""
 
-    def __init__(self, message: str, status: int = 1):
+    def __init__(self, message: str, status: int = 1, prefix_all: bool = True):
         super().__init__(message)
         self.status = status
+        self.prefix_all = prefix_all   # False: continuation lines printed as they are
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,9 +47,9 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(f"error: {message}")
 
 
-def _print_error(message: str) -> None:
-    for line in message.splitlines() or [""]:
-        sys.stderr.write(f"{PROG}: {line}\n")
+def _print_error(message: str, prefix_all: bool = True) -> None:
+    for index, line in enumerate(message.splitlines() or [""]):
+        sys.stderr.write(f"{PROG}: {line}\n" if prefix_all or not index else f"{line}\n")
 
 
 # -- opening ------------------------------------------------------------------------------------
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.set_defaults(func=cmd_convert)
 
+    from .cli_create import add_parser as add_create
+    add_create(sub, common)
+
     p = sub.add_parser("io", help="run qemu-io commands (read ...)")
     common(p, output=False)
     p.add_argument("-r", "--read-only", action="store_true", help="open read-only")
@@ -335,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return args.func(args)
     except CliError as e:
-        _print_error(str(e))
+        _print_error(str(e), e.prefix_all)
         return e.status
     except Qcow2Error as e:
         _print_error(str(e))

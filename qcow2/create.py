@@ -97,6 +97,7 @@ def validate(size: int, *, cluster_size: int = 65536, compat: str = "1.1", refco
         if cluster_size < 1 << C.MIN_CLUSTER_BITS_EXTENDED_L2:
             raise RequestError("Extended L2 entries are only supported with cluster sizes of at "
                                "least 16384 bytes")
+    size = -(-size // C.SECTOR_SIZE) * C.SECTOR_SIZE     # qemu-img rounds up to sectors
     return CreateOptions(size, cluster_size, version, refcount_bits, lazy_refcounts, extended_l2,
                          compression_type, preallocation, backing_file, backing_fmt, data_file,
                          data_file_raw)
@@ -221,7 +222,7 @@ def _write_skeleton(path: str, o: CreateOptions, head: bytes) -> None:
 def _give_size(path: str, o: CreateOptions) -> None:
     """Open the skeleton read-write and let the writer allocate the L1 table and preallocate."""
     from .image import Image
-    img = Image(path, "r+", open_backing=False, overlap_check="cached")
+    img = Image(path, "r+", open_backing=False, overlap_check="cached", _layer_only=True)
     try:
         with img._lock:
             img._writer.resize(o.size, False, hide_backing=False)

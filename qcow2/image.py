@@ -427,6 +427,9 @@ class Image(_Qcow2Reader):
         if self._bitmaps:
             raise UnsupportedError("Writing images with persistent dirty bitmaps is not supported "
                                    f"({len(self._bitmaps)} bitmaps in '{self.filename}')")
+        if h.has_data_file and self._data is self._file:
+            raise RequestError("Writing an image with an external data file needs the data file "
+                               "opened (open_backing=False opens none)")
         self._file.guard = self.guard
         self._writer = Writer(self)
         if h.autoclear_features & ~C.AUTOCLEAR_KNOWN:   # set by a program we do not know
