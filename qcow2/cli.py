@@ -321,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_create import add_parser as add_create
     add_create(sub, common)
+    from .cli_check import add_parser as add_check
+    add_check(sub)
 
     p = sub.add_parser("io", help="run qemu-io commands (read ...)")
     common(p, output=False)

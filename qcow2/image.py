@@ -452,6 +452,22 @@ class Image(_Qcow2Reader):
         self._file.pwrite(encode_header_fields(new), 0, ign=OL_MAIN_HEADER)
         self.header = new
 
+    def _mark_consistent(self) -> None:
+        """After a clean repair: clear the dirty and corrupt bits (QEMU's mark clean/consistent)."""
+        h = self.header
+        bits = h.incompatible_features & ~(C.INCOMPAT_DIRTY | C.INCOMPAT_CORRUPT)
+        if bits != h.incompatible_features:
+            self._file.flush()
+            self._update_header(incompatible_features=bits)
+        self._corrupt = False
+
+    def check(self, repair: str | None = None, **options):
+        """Check the image as ``qemu-img check`` does (``repair``: None, ``"leaks"``, ``"all"``;
+        repairing needs ``"r+"``).  Returns a :class:`~qcow2.check.CheckResult`; see
+        :func:`qcow2.check.check_image` for the options."""
+        from .check import check_image
+        return check_image(self, repair, **options)
+
     def _set_size(self, size: int) -> None:
         self.size = size
 

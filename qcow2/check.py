@@ -1,0 +1,699 @@
+"""Consistency check and repair, with qemu-img check 7.2's semantics.
+
+Theory of operation
+-------------------
+*Counting.*  Every reference the image makes is counted into an array indexed by host cluster,
+sized by the host file (one cluster of slack, as QEMU allows a structure to end up to one cluster
+past the end of the file): the header, the active L1 table and its L2 tables and data clusters,
+each internal snapshot's L1/L2 tables and data, the snapshot table, the refcount table and blocks,
+the bitmap directory, tables and data clusters, the encryption header.  A reference more than one
+cluster past the end of the file is an error of its own and costs nothing (iotest 138: a data
+pointer at 32 PiB).  L2 tables are decoded in bulk and scanned with one Python step per entry.
+
+*Comparing.*  For every cluster of the file the refcount on disk is compared with the count:
+higher on disk is a leak, lower a corruption (a zero on disk for a referenced cluster means the
+refcount structures themselves must be rebuilt).  Then the ``COPIED`` flags of the active tables
+are compared with the refcounts.  Messages, counters, the order of repairs and the re-check follow
+qemu-img 7.2, so scripts reading either tool's output agree.
+
+*Repairing* (``repair="leaks"`` / ``"all"``): refcounts are set to the counts one block at a time,
+``COPIED`` flags rewritten, and when the structures are broken a new refcount table and new blocks
+are written into clusters no reference uses (never onto live data, iotest 108), after which one
+header write switches to them.  All repair writes go through the image's storage and guard.
+
+*Overlaps.*  All metadata is also entered into a budgeted :class:`~qcow2.overlap.RangeMap`; a
+structure overlapping another structure of a different type, and data overlapping metadata, are
+reported naming both.  When the budget refuses, the ranges no longer checked are announced as
+``QCOW2_OVERLAP_CHECK_MEMORY_LIMIT_REACHED`` events and listed in the result; the check goes on.
+"""
+
+from __future__ import annotations
+
+import array
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from . import constants as C
+from .bitmap import BME_TABLE_ENTRY_OFFSET_MASK
+from .errors import Qcow2Error
+from .events import overlap_limit_event
+from .metadata import iter_metadata
+from .overlap import RangeMap
+from .overlap_types import (OL_ACTIVE_L1, OL_ACTIVE_L2, OL_REFCOUNT_BLOCK, parse_overlap_check,
+                            type_name)
+from .refcount import RefcountReader
+from .snapshot import snapshot_table_size
+from .tables import decode_compressed, decode_u64_table, encode_refblock, encode_u64_table
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .image import Image
+
+DEFAULT_OVERLAP_MEM = 64 << 20
+"""Default memory budget of the check's overlap map (bytes): enough for any image up to several
+terabytes of metadata at 64 KiB clusters; ``--overlap-mem`` changes it."""
+
+# qemu-img prints its JSON keys in the order of QEMU's QDict hash buckets
+_JSON_ORDER = ("image-end-offset", "compressed-clusters", "total-clusters", "corruptions",
+               "corruptions-fixed", "check-errors", "leaks", "leaks-fixed", "allocated-clusters",
+               "filename", "format", "fragmented-clusters")
+_CHECK_FRAG_INFO = 1
+_COPIED = C.QCOW_OFLAG_COPIED
+_COMPRESSED = C.QCOW_OFLAG_COMPRESSED
+_ZERO = C.QCOW_OFLAG_ZERO
+_MASK = C.L2E_OFFSET_MASK
+
+
+@dataclass
+class CheckResult:
+    """What a check found (and repaired): qemu-img check's counters, plus our overlap findings.
+
+    ``messages`` are the per-item lines qemu-img prints on stderr, in order; ``overlaps`` the
+    overlap findings; ``unprotected`` the host ranges the overlap map could not cover."""
+
+    filename: str = ""
+    format: str = "qcow2"
+    corruptions: int = 0
+    leaks: int = 0
+    check_errors: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    image_end_offset: int = 0
+    total_clusters: int = 0
+    allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
+    messages: list[str] = field(default_factory=list)
+    overlaps: list[str] = field(default_factory=list)
+    unprotected: list[tuple[int, int]] = field(default_factory=list)
+    failed: str | None = None     # "Check failed: <reason>" when the check could not complete
+
+    @property
+    def exit_code(self) -> int:
+        """qemu-img check's exit status: 0 clean, 1 failed, 2 corruptions, 3 leaks only."""
+        if self.failed is not None or self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        return 3 if self.leaks else 0
+
+    def to_json(self) -> dict:
+        """qemu-img check --output=json's object (its keys, its order, its omissions)."""
+        values = {"image-end-offset": self.image_end_offset,
+                  "compressed-clusters": self.compressed_clusters,
+                  "total-clusters": self.total_clusters, "corruptions": self.corruptions,
+                  "corruptions-fixed": self.corruptions_fixed, "check-errors": self.check_errors,
+                  "leaks": self.leaks, "leaks-fixed": self.leaks_fixed,
+                  "allocated-clusters": self.allocated_clusters, "filename": self.filename,
+                  "format": self.format, "fragmented-clusters": self.fragmented_clusters}
+        always = ("check-errors", "filename", "format")
+        return {k: values[k] for k in _JSON_ORDER if k in always or values[k]}
+
+    def human(self) -> str:
+        """qemu-img check's human summary (after a repair, of the re-check)."""
+        out = []
+        if not (self.corruptions or self.leaks or self.check_errors):
+            out.append("No errors were found on the image.\n")
+        else:
+            if self.corruptions:
+                out.append(f"\n{self.corruptions} errors were found on the image.\n"
+                           "Data may be corrupted, or further writes to the image may corrupt "
+                           "it.\n")
+            if self.leaks:
+                out.append(f"\n{self.leaks} leaked clusters were found on the image.\n"
+                           "This means waste of disk space, but no harm to data.\n")
+            if self.check_errors:
+                out.append(f"\n{self.check_errors} internal errors have occurred during the "
+                           "check.\n")
+        if self.total_clusters and self.allocated_clusters:
+            a = self.allocated_clusters
+            out.append(f"{a}/{self.total_clusters} = {a * 100.0 / self.total_clusters:0.2f}% "
+                       f"allocated, {self.fragmented_clusters * 100.0 / a:0.2f}% fragmented, "
+                       f"{self.compressed_clusters * 100.0 / a:0.2f}% compressed clusters\n")
+        if self.image_end_offset:
+            out.append(f"Image end offset: {self.image_end_offset}\n")
+        if self.unprotected:
+            ranges = ", ".join(f"0x{s:x}-0x{s + n:x}" for s, n in self.unprotected)
+            out.append(f"Not overlap-checked (overlap map memory limit): {ranges}\n")
+        return "".join(out)
+
+
+class _Counter:
+    """References per host cluster, sized by the file; counts saturate at the entry width."""
+
+    def __init__(self, nb_clusters: int, refcount_order: int):
+        code = "H" if refcount_order <= 4 else ("L" if refcount_order == 5 else "Q")
+        self.counts = array.array(code, bytes(array.array(code).itemsize * (nb_clusters + 1)))
+        self.max = (1 << (1 << refcount_order)) - 1
+        self.highest = -1     # highest index counted
+
+
+class _Checker:
+    """One run of the algorithm over an image (see the module docstring)."""
+
+    def __init__(self, img: "Image", fix: int, say: Callable[[str], None],
+                 overlap_map: RangeMap | None):
+        self.img = img
+        h = img.header
+        self.fix = fix
+        self.say = say
+        self.cs = h.cluster_size
+        self.bits = h.cluster_bits
+        self.order = h.refcount_order
+        self.extended = h.extended_l2
+        self.has_data_file = h.has_data_file
+        self.file = img._file
+        self.file_size = self.file.size
+        self.nb_file_clusters = -(-self.file_size // self.cs)
+        self.map = overlap_map
+        self.overlaps: list[str] = []
+        self.refcounts = RefcountReader(img._file, h)   # what is on disk now
+        self._repaired: set[int] = set()                # refcount blocks changed by a repair
+
+    # -- counting ------------------------------------------------------------------------------
+    def inc(self, res: CheckResult, counter: _Counter, offset: int, size: int) -> None:
+        if size <= 0:
+            return
+        if offset + size - self.file_size > self.cs:
+            self.say("ERROR: counting reference for region exceeding the end of the file by one "
+                     f"cluster or more: offset 0x{offset:x} size 0x{size:x}")
+            res.corruptions += 1
+            return
+        counts = counter.counts
+        first = offset >> self.bits
+        last = (offset + size - 1) >> self.bits
+        for k in range(first, last + 1):
+            if k >= len(counts):       # cannot happen with the bound above; stay safe
+                counts.extend(array.array(counts.typecode, bytes(counts.itemsize *
+                                                                 (k + 1 - len(counts)))))
+            if counts[k] == counter.max:
+                self.say(f"ERROR: overflow cluster offset=0x{k << self.bits:x}")
+                self.say("Use qemu-img amend to increase the refcount entry width or qemu-img "
+                         "convert to create a clean copy if the image cannot be opened for "
+                         "writing")
+                res.corruptions += 1
+                continue
+            counts[k] += 1
+        if last > counter.highest:
+            counter.highest = last
+
+    def calculate(self, res: CheckResult) -> tuple[_Counter, bool]:
+        """Count every reference; returns the counts and whether the refcount structures need a
+        rebuild."""
+        img = self.img
+        h = img.header
+        counter = _Counter(self.nb_file_clusters, self.order)
+        rebuild = False
+        self.inc(res, counter, 0, self.cs)
+        self.check_l1(res, counter, h.l1_table_offset, h.l1_size, _CHECK_FRAG_INFO)
+        if self.has_data_file and img.snapshots:
+            self.say(f"ERROR {len(img.snapshots)} snapshots in image with data file")
+            res.corruptions += 1
+        for sn in img.snapshots:
+            if sn.l1_size > C.QCOW_MAX_L1_SIZE // 8:
+                self.say(f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: L1 "
+                         "size is too large; snapshot table entry corrupted")
+                res.corruptions += 1
+                continue
+            self.check_l1(res, counter, sn.l1_table_offset, sn.l1_size, 0)
+        if img.snapshots:
+            self.inc(res, counter, h.snapshots_offset, snapshot_table_size(img.snapshots))
+        self.inc(res, counter, h.refcount_table_offset, h.refcount_table_clusters * self.cs)
+        crypto = h.crypto_header
+        if crypto is not None:
+            self.inc(res, counter, crypto.offset, crypto.length)
+        self.count_bitmaps(res, counter)
+        rebuild |= self.check_refblocks(res, counter)
+        return counter, rebuild
+
+    def check_l1(self, res: CheckResult, counter: _Counter, l1_offset: int, l1_size: int,
+                 flags: int) -> None:
+        if not l1_size:
+            return
+        self.inc(res, counter, l1_offset, l1_size * 8)
+        l1 = self.img._read_l1(l1_offset, l1_size)
+        for index, entry in enumerate(l1):
+            l2_offset = entry & C.L1E_OFFSET_MASK
+            if not l2_offset:
+                continue
+            if l2_offset & (self.cs - 1):
+                self.say(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry "
+                         "corrupted")
+                res.corruptions += 1
+            self.inc(res, counter, l2_offset, self.cs)
+            self.check_l2(res, counter, l2_offset, flags)
+
+    def check_l2(self, res: CheckResult, counter: _Counter, l2_offset: int, flags: int) -> None:
+        table = decode_u64_table(self.file.pread(self.cs, l2_offset))
+        width = 2 if self.extended else 1
+        frag = flags & _CHECK_FRAG_INFO
+        cs, bits = self.cs, self.bits
+        counts, cmax = counter.counts, counter.max
+        limit = min(len(counts), self.nb_file_clusters + 1)
+        data_file = self.has_data_file
+        next_contiguous = 0
+        run_start = run_end = -1
+        zero_flag_used = not self.extended
+        for i in range(0, len(table), width):
+            entry = table[i]
+            if not entry and (width == 1 or not table[i + 1]):
+                continue
+            bitmap = table[i + 1] if width == 2 else 0
+            if entry & _COMPRESSED:
+                if entry & _COPIED:
+                    self.say(f"ERROR: coffset=0x{entry & ((1 << (62 - (bits - 8))) - 1):x}: "
+                             "copied flag must never be set for compressed clusters")
+                    entry &= ~_COPIED
+                    res.corruptions += 1
+                if data_file:
+                    self.say(f"ERROR compressed cluster {i // width} with data file, "
+                             f"entry=0x{entry:x}")
+                    res.corruptions += 1
+                    continue
+                if bitmap:
+                    self.say(f"ERROR compressed cluster {i // width} with non-zero subcluster "
+                             f"allocation bitmap, entry=0x{entry:x}")
+                    res.corruptions += 1
+                    continue
+                coffset, csize = decode_compressed(entry, bits)
+                self.inc(res, counter, coffset, csize)
+                if frag:
+                    res.allocated_clusters += 1
+                    res.compressed_clusters += 1
+                    res.fragmented_clusters += 1
+                continue
+            if entry & C.L2E_STD_RESERVED_MASK:
+                self.say(f"ERROR found l2 entry with reserved bits set: {entry:x}")
+                res.corruptions += 1
+            offset = entry & _MASK
+            zero = zero_flag_used and entry & _ZERO
+            if not offset and not (data_file and entry & _COPIED and not zero):
+                if not zero and bitmap & 0xFFFFFFFF:
+                    res.corruptions += 1
+                    self.say("ERROR: Unallocated cluster has non-zero subcluster allocation "
+                             "bitmap")
+                continue
+            # an allocated cluster (normal or preallocated zero)
+            if (bitmap >> 32) & bitmap:
+                res.corruptions += 1
+                self.say(f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster "
+                         "allocation bitmap")
+            if offset & (cs - 1):
+                res.corruptions += 1
+                contains_data = bool(bitmap & 0xFFFFFFFF) if self.extended else not zero
+                if contains_data:
+                    self.say(f"ERROR offset={offset:x}: Data cluster is not properly aligned; L2 "
+                             "entry corrupted.")
+                else:
+                    self.say(f"ERROR offset={offset:x}: Preallocated cluster is not properly "
+                             "aligned; L2 entry corrupted.")
+            if frag:
+                res.allocated_clusters += 1
+                if next_contiguous and offset != next_contiguous:
+                    res.fragmented_clusters += 1
+                next_contiguous = offset + cs
+            if data_file:
+                continue
+            k = offset >> bits
+            if offset + cs - self.file_size > cs or k >= limit or offset & (cs - 1):
+                self.inc(res, counter, offset, cs)      # the slow path says what is wrong
+            elif counts[k] == cmax:
+                self.inc(res, counter, offset, cs)
+            else:
+                counts[k] += 1
+                if k > counter.highest:
+                    counter.highest = k
+            if self.map is not None:
+                if offset == run_end:
+                    run_end += cs
+                else:
+                    self._data_run(run_start, run_end)
+                    run_start, run_end = offset, offset + cs
+        if self.map is not None:
+            self._data_run(run_start, run_end)
+
+    def _data_run(self, start: int, end: int) -> None:
+        if start < 0 or end <= start or start >= C.MAX_HOST_OFFSET:
+            return
+        hit = self.map.check(start, end - start)
+        if hit:
+            self.overlaps.append(f"OVERLAP data clusters 0x{start:x}-0x{end:x} overlap "
+                                 f"{type_name(hit)}")
+
+    def count_bitmaps(self, res: CheckResult, counter: _Counter) -> None:
+        ext = self.img.header.bitmaps
+        if ext is None or not ext.nb_bitmaps:
+            return
+        self.inc(res, counter, ext.bitmap_directory_offset, ext.bitmap_directory_size)
+        for entry in self.img.bitmap_directory():
+            size = entry.bitmap_table_size * 8
+            self.inc(res, counter, entry.bitmap_table_offset, size)
+            table = decode_u64_table(self.file.pread_in_file(size, entry.bitmap_table_offset, 8))
+            for value in table:
+                offset = value & BME_TABLE_ENTRY_OFFSET_MASK
+                if offset:
+                    self.inc(res, counter, offset, self.cs)
+
+    def check_refblocks(self, res: CheckResult, counter: _Counter) -> bool:
+        rebuild = False
+        reftable = self.refcounts.reftable
+        for i, raw in enumerate(reftable):
+            if not raw:
+                continue
+            offset = raw & C.REFT_OFFSET_MASK
+            if raw & C.REFT_RESERVED_MASK:
+                self.say(f"ERROR refcount table entry {i} has reserved bits set")
+                res.corruptions += 1
+                rebuild = True
+                continue
+            if offset & (self.cs - 1):
+                self.say(f"ERROR refcount block {i} is not cluster aligned; refcount table entry "
+                         "corrupted")
+                res.corruptions += 1
+                rebuild = True
+                continue
+            cluster = offset >> self.bits
+            if cluster >= self.nb_file_clusters:
+                res.corruptions += 1
+                self.say(f"ERROR refcount block {i} is outside image")
+                rebuild = True
+                continue
+            self.inc(res, counter, offset, self.cs)
+            if counter.counts[cluster] != 1:
+                self.say(f"ERROR refcount block {i} refcount={counter.counts[cluster]}")
+                res.corruptions += 1
+                rebuild = True
+        return rebuild
+
+    # -- comparing --------------------------------------------------------------------------------
+    def compare(self, res: CheckResult, counter: _Counter, fix: int) -> tuple[int, bool]:
+        """Compare on-disk refcounts with the counts; repair what ``fix`` allows.  Returns the
+        highest cluster in use and whether a rebuild is needed."""
+        counts = counter.counts
+        nb = max(self.nb_file_clusters, counter.highest + 1)
+        refcounts = self.refcounts
+        highest = -1
+        rebuild = False
+        entries = refcounts._entries
+        for r in range(-(-nb // entries)):
+            first = r * entries
+            n = min(entries, nb - first)
+            try:
+                block = refcounts._block(r)
+            except Qcow2Error as e:
+                for i in range(first, first + n):
+                    self.say(f"Can't get refcount for cluster {i}: {e}")
+                res.check_errors += n
+                continue
+            on_disk = block[:n] if block is not None else None
+            wanted = counts[first:first + n]
+            if on_disk is not None and on_disk == wanted:
+                used = wanted.tobytes().rstrip(b"\0")
+                if used:
+                    highest = first + (len(used) - 1) // wanted.itemsize
+                continue
+            for j in range(n):
+                i = first + j
+                refcount1 = on_disk[j] if on_disk is not None else 0
+                refcount2 = wanted[j]
+                if refcount1 or refcount2:
+                    highest = i
+                if refcount1 == refcount2:
+                    continue
+                fixed = None
+                if refcount1 == 0:
+                    rebuild = True
+                elif refcount1 > refcount2 and fix & REPAIR_LEAKS:
+                    fixed = "leaks"
+                elif refcount1 < refcount2 and fix & REPAIR_ERRORS:
+                    fixed = "corruptions"
+                what = "Repairing" if fixed else ("ERROR" if refcount1 < refcount2 else "Leaked")
+                self.say(f"{what} cluster {i} refcount={refcount1} reference={refcount2}")
+                if fixed:
+                    block[j] = refcount2
+                    self._repaired.add(r)
+                    if fixed == "leaks":
+                        res.leaks_fixed += 1
+                    else:
+                        res.corruptions_fixed += 1
+                    continue
+                if refcount1 < refcount2:
+                    res.corruptions += 1
+                else:
+                    res.leaks += 1
+        for r in sorted(self._repaired):
+            offset = refcounts.reftable[r] & C.REFT_OFFSET_MASK
+            self.file.pwrite(encode_refblock(refcounts._block(r), self.order), offset,
+                             ign=OL_REFCOUNT_BLOCK)
+        self._repaired.clear()
+        return highest, rebuild
+
+    def check_copied(self, res: CheckResult, fix: int) -> None:
+        img = self.img
+        refcounts = RefcountReader(img._file, img.header)    # after the repairs above
+        if fix & REPAIR_ERRORS:
+            repair = True
+        elif fix & REPAIR_LEAKS:
+            repair = not (res.check_errors or res.corruptions or res.leaks)
+        else:
+            repair = False
+        width = 2 if self.extended else 1
+        l1 = img._read_l1(img.header.l1_table_offset, img.header.l1_size)
+        l1_changed = False
+        for index, entry in enumerate(l1):
+            l2_offset = entry & C.L1E_OFFSET_MASK
+            if not l2_offset:
+                continue
+            refcount = refcounts.refcount(l2_offset >> self.bits)
+            if (refcount == 1) != bool(entry & _COPIED):
+                self.say(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED L2 cluster: "
+                         f"l1_index={index} l1_entry={entry:x} refcount={refcount}")
+                if repair:
+                    l1[index] = (entry | _COPIED) if refcount == 1 else (entry & ~_COPIED)
+                    l1_changed = True
+                    res.corruptions_fixed += 1
+                else:
+                    res.corruptions += 1
+            if l2_offset & (self.cs - 1):
+                continue
+            table = decode_u64_table(self.file.pread(self.cs, l2_offset))
+            changed = False
+            for i in range(0, len(table), width):
+                e = table[i]
+                if e & _COMPRESSED:
+                    continue
+                offset = e & _MASK
+                if not offset and not (self.has_data_file and e & _COPIED):
+                    continue
+                if self.has_data_file:
+                    refcount = 1
+                elif offset & (self.cs - 1):
+                    continue
+                else:
+                    refcount = refcounts.refcount(offset >> self.bits)
+                if (refcount == 1) != bool(e & _COPIED):
+                    self.say(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED data cluster: "
+                             f"l2_entry={e:x} refcount={refcount}")
+                    if repair:
+                        table[i] = (e | _COPIED) if refcount == 1 else (e & ~_COPIED)
+                        changed = True
+                        res.corruptions_fixed += 1
+                    else:
+                        res.corruptions += 1
+            if changed:
+                self.file.pwrite(encode_u64_table(table), l2_offset, ign=OL_ACTIVE_L2)
+        if l1_changed:
+            self.file.pwrite(encode_u64_table(l1), img.header.l1_table_offset, ign=OL_ACTIVE_L1)
+
+    # -- rebuilding -------------------------------------------------------------------------------
+    def rebuild(self, counter: _Counter) -> None:
+        """Write new refcount blocks and a new table for ``counter`` into free clusters (by the
+        counts: never onto anything referenced), then switch the header to them."""
+        cs, bits = self.cs, self.bits
+        entries = (cs * 8) >> self.order
+        counts = counter.counts
+        used = list(counts)
+        first_free = 0
+
+        def alloc(n: int) -> int:
+            nonlocal first_free
+            start = first_free
+            while True:
+                while start < len(used) and used[start]:
+                    start += 1
+                run = 0
+                while run < n and (start + run >= len(used) or not used[start + run]):
+                    run += 1
+                if run == n:
+                    break
+                start += run + 1
+            if start + n > len(used):
+                used.extend([0] * (start + n - len(used)))
+            for k in range(start, start + n):
+                used[k] = 1
+            if n == 1 or start == first_free:
+                first_free = start + n
+            return start
+
+        blocks: dict[int, int] = {}
+        table_clusters = 0
+        table_start = -1
+        while True:
+            changed = False
+            for r in range(-(-len(used) // entries)):
+                if r not in blocks and any(used[r * entries:(r + 1) * entries]):
+                    blocks[r] = alloc(1)
+                    changed = True
+            need = -(-((max(blocks) + 1) * 8) // cs) if blocks else 1
+            if table_start < 0 or need > table_clusters:
+                if table_start >= 0:
+                    for k in range(table_start, table_start + table_clusters):
+                        used[k] = 0
+                table_clusters = need
+                table_start = alloc(table_clusters)
+                changed = True
+            if not changed:
+                break
+        table = array.array("Q", bytes(table_clusters * cs))
+        for r, cluster in sorted(blocks.items()):
+            values = used[r * entries:(r + 1) * entries]
+            values += [0] * (entries - len(values))
+            self.file.pwrite(encode_refblock(values, self.order), cluster << bits)
+            table[r] = cluster << bits
+        self.file.pwrite(encode_u64_table(table), table_start << bits)
+        self.file.flush()
+        self.img._update_header(refcount_table_offset=table_start << bits,
+                                refcount_table_clusters=table_clusters)
+
+    # -- overlap map ----------------------------------------------------------------------------
+    def enter_metadata(self) -> None:
+        """Enter every structure into the map, reporting overlaps between different types."""
+        for offset, length, type_bit in iter_metadata(self.img, self.types):
+            hit = self.map.check(offset, length, type_bit)
+            if hit:
+                self.overlaps.append(f"OVERLAP {type_name(type_bit)} at 0x{offset:x} "
+                                     f"(0x{length:x} bytes) overlaps {type_name(hit)}")
+            self.map.add(offset, length, type_bit)
+
+
+REPAIR_LEAKS = 1
+REPAIR_ERRORS = 2
+_FIX = {None: 0, "leaks": REPAIR_LEAKS, "all": REPAIR_LEAKS | REPAIR_ERRORS}
+
+
+def _check_once(img: "Image", fix: int, say, overlap_map: RangeMap | None, filename: str,
+                types: int = 0) -> CheckResult:
+    """qemu-img 7.2's check of refcounts and COPIED flags, with its repair order."""
+    res = CheckResult(filename=filename)
+    res.total_clusters = -(-img.size // img.cluster_size)
+    checker = _Checker(img, fix, say, overlap_map)
+    if overlap_map is not None and types:
+        checker.types = types
+        checker.enter_metadata()
+    counter, rebuild = checker.calculate(res)
+    pre = _copy(res)
+    highest, need = checker.compare(res, counter, 0)
+    rebuild |= need
+    if rebuild and fix & REPAIR_ERRORS:
+        old = _copy(res)
+        say("Rebuilding refcount structure")
+        checker.rebuild(counter)
+        res.corruptions = res.leaks = 0
+        checker = _Checker(img, fix, say, None)
+        counter, rebuild = checker.calculate(res)
+        fresh_leaks = 0
+        if fix & REPAIR_LEAKS:
+            saved = _copy(res)
+            scratch = CheckResult()
+            highest, still = checker.compare(scratch, counter, REPAIR_LEAKS)
+            if still:
+                say("ERROR rebuilt refcount structure is still broken")
+            fresh_leaks = scratch.leaks
+            _restore(res, saved)
+        if res.corruptions < old.corruptions:
+            res.corruptions_fixed += old.corruptions - res.corruptions
+        if res.leaks < old.leaks:
+            res.leaks_fixed += old.leaks - res.leaks
+        res.leaks += fresh_leaks
+    elif fix:
+        if rebuild:
+            say("ERROR need to rebuild refcount structures")
+            res.check_errors += 1
+            res.failed = "Input/output error"
+            return res
+        if res.leaks or res.corruptions:
+            _restore(res, pre)
+            highest, _ = checker.compare(res, counter, fix)
+    checker.check_copied(res, fix)
+    res.image_end_offset = (highest + 1) * img.cluster_size
+    res.overlaps = checker.overlaps
+    return res
+
+
+def _copy(res: CheckResult) -> CheckResult:
+    return CheckResult(**{k: getattr(res, k) for k in (
+        "filename", "format", "corruptions", "leaks", "check_errors", "corruptions_fixed",
+        "leaks_fixed", "image_end_offset", "total_clusters", "allocated_clusters",
+        "fragmented_clusters", "compressed_clusters")})
+
+
+def _restore(res: CheckResult, saved: CheckResult) -> None:
+    for k in ("corruptions", "leaks", "check_errors", "corruptions_fixed", "leaks_fixed",
+              "allocated_clusters", "fragmented_clusters", "compressed_clusters"):
+        setattr(res, k, getattr(saved, k))
+
+
+def check_image(img: "Image", repair: str | None = None, *, overlap_mem: int | None = None,
+                overlap_types="all", events=None, reference: str | None = None,
+                filename: str | None = None,
+                say: Callable[[str], None] | None = None) -> CheckResult:
+    """Check (and with ``repair`` = ``"leaks"`` or ``"all"``, repair) an open image.
+
+    Repair needs the image opened ``"r+"`` (``qcow2.open(path, "r+", _repair=True)`` also opens
+    a corrupt one).  After a repair the image is checked again, as qemu-img does; the result is
+    that of the re-check with the ``*_fixed`` counts of the repair.  A clean repaired image gets
+    its dirty and corrupt bits cleared.  ``overlap_mem`` caps the overlap map (bytes; default
+    :data:`DEFAULT_OVERLAP_MEM`); refusals become events on ``events`` (an EventEmitter) and
+    ranges in ``result.unprotected``.  Per-item lines go to ``say`` (default: kept only in
+    ``result.messages``).  ``overlap_types`` selects the structures entered into the overlap map
+    (an ``overlap_check`` value; "none" disables the map).  O(metadata + allocated clusters).
+    """
+    if repair not in _FIX:
+        raise ValueError(f"repair must be None, 'leaks' or 'all', not {repair!r}")
+    fix = _FIX[repair]
+    if fix and img.mode != "r+":
+        raise Qcow2Error("Repairing needs the image opened read-write")
+    messages: list[str] = []
+
+    def emit(line: str) -> None:
+        messages.append(line)
+        if say is not None:
+            say(line)
+
+    name = filename if filename is not None else img.filename
+    ref = reference if reference is not None else (img.device or img.node_name)
+    budget = DEFAULT_OVERLAP_MEM if overlap_mem is None else overlap_mem
+    emitter = events if events is not None else img.events
+    types = parse_overlap_check(overlap_types)
+    overlap_map = RangeMap(img.cluster_size, budget,
+                           lambda start, length: emitter.emit(overlap_limit_event(ref, start,
+                                                                                  length)))
+    with img._lock:
+        img.flush_metadata()
+        try:
+            res = _check_once(img, fix, emit, overlap_map if types else None, name, types)
+            if fix and (res.corruptions_fixed or res.leaks_fixed) and res.failed is None:
+                img.reload_metadata()
+                again = _check_once(img, 0, emit, None, name)
+                again.corruptions_fixed = res.corruptions_fixed
+                again.leaks_fixed = res.leaks_fixed
+                again.overlaps = res.overlaps
+                res = again
+            elif fix:
+                img.reload_metadata()
+            if fix and res.failed is None and not res.check_errors and not res.corruptions:
+                img._mark_consistent()
+        except Qcow2Error as e:
+            res = CheckResult(filename=name, check_errors=1, failed=str(e))
+    res.messages = messages
+    res.unprotected = overlap_map.unprotected()
+    return res
