@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Callable
 
 from . import constants as C
 from .bitmap import BME_TABLE_ENTRY_OFFSET_MASK
-from .errors import Qcow2Error
+from .errors import OverlapError, Qcow2Error
 from .events import overlap_limit_event
 from .metadata import iter_metadata
 from .overlap import RangeMap
-from .overlap_types import (OL_ACTIVE_L1, OL_ACTIVE_L2, OL_REFCOUNT_BLOCK, parse_overlap_check,
-                            type_name)
+from .overlap_types import (OL_ACTIVE_L1, OL_ACTIVE_L2, OL_INACTIVE_L2, OL_REFCOUNT_BLOCK,
+                            parse_overlap_check, type_name)
 from .refcount import RefcountReader
 from .snapshot import snapshot_table_size
 from .tables import decode_compressed, decode_u64_table, encode_refblock, encode_u64_table
@@ -86,6 +86,7 @@ class CheckResult:
     overlaps: list[str] = field(default_factory=list)
     unprotected: list[tuple[int, int]] = field(default_factory=list)
     failed: str | None = None     # "Check failed: <reason>" when the check could not complete
+    errors: list[str] = field(default_factory=list)   # error lines printed before that
 
     @property
     def exit_code(self) -> int:
@@ -146,6 +147,13 @@ class _Counter:
         self.max = (1 << (1 << refcount_order)) - 1
         self.highest = -1     # highest index counted
 
+    def grow(self, nb: int) -> None:
+        """Make room for ``nb`` clusters (the file grew during a repair)."""
+        missing = nb - len(self.counts)
+        if missing > 0:
+            self.counts.extend(array.array(self.counts.typecode,
+                                           bytes(self.counts.itemsize * missing)))
+
 
 class _Checker:
     """One run of the algorithm over an image (see the module docstring)."""
@@ -167,7 +175,7 @@ class _Checker:
         self.map = overlap_map
         self.overlaps: list[str] = []
         self.refcounts = RefcountReader(img._file, h)   # what is on disk now
-        self._repaired: set[int] = set()                # refcount blocks changed by a repair
+        self._repaired: dict[int, array.array] = {}     # refcount blocks changed by a repair
 
     # -- counting ------------------------------------------------------------------------------
     def inc(self, res: CheckResult, counter: _Counter, offset: int, size: int) -> None:
@@ -290,7 +298,7 @@ class _Checker:
                 if not zero and bitmap & 0xFFFFFFFF:
                     res.corruptions += 1
                     self.say("ERROR: Unallocated cluster has non-zero subcluster allocation "
-                             "bitmap")
+                             "map")
                 continue
             # an allocated cluster (normal or preallocated zero)
             if (bitmap >> 32) & bitmap:
@@ -304,8 +312,19 @@ class _Checker:
                     self.say(f"ERROR offset={offset:x}: Data cluster is not properly aligned; L2 "
                              "entry corrupted.")
                 else:
-                    self.say(f"ERROR offset={offset:x}: Preallocated cluster is not properly "
-                             "aligned; L2 entry corrupted.")
+                    repair = bool(self.fix & REPAIR_ERRORS)
+                    self.say(f"{'Repairing' if repair else 'ERROR'} offset={offset:x}: "
+                             "Preallocated cluster is not properly aligned; L2 entry corrupted.")
+                    if repair:   # make it a plain zero cluster; it references nothing now
+                        table[i] = 0 if self.extended else _ZERO
+                        if self.extended:
+                            table[i + 1] = 0xFFFFFFFF << 32
+                        entry_bytes = encode_u64_table(table[i:i + width])
+                        self.repair_write(entry_bytes, l2_offset + 8 * i,
+                                          OL_ACTIVE_L2 if frag else OL_INACTIVE_L2)
+                        res.corruptions -= 1
+                        res.corruptions_fixed += 1
+                        continue
             if frag:
                 res.allocated_clusters += 1
                 if next_contiguous and offset != next_contiguous:
@@ -373,9 +392,18 @@ class _Checker:
                 continue
             cluster = offset >> self.bits
             if cluster >= self.nb_file_clusters:
+                repair = bool(self.fix & REPAIR_ERRORS)
                 res.corruptions += 1
-                self.say(f"ERROR refcount block {i} is outside image")
-                rebuild = True
+                self.say(f"{'Repairing' if repair else 'ERROR'} refcount block {i} is outside "
+                         "image")
+                if repair:       # grow the file so that the (zero) block exists
+                    self.file.truncate(offset + self.cs)
+                    self.file_size = self.file.size
+                    self.nb_file_clusters = -(-self.file_size // self.cs)
+                    counter.grow(self.nb_file_clusters + 1)
+                    res.corruptions -= 1
+                    res.corruptions_fixed += 1
+                    self.inc(res, counter, offset, self.cs)
                 continue
             self.inc(res, counter, offset, self.cs)
             if counter.counts[cluster] != 1:
@@ -384,6 +412,20 @@ class _Checker:
                 rebuild = True
         return rebuild
 
+    def img_corrupt(self, msg: str) -> None:
+        """QEMU's corruption report: fatal (corrupt bit) on a writable image, else a warning;
+        printed once per image."""
+        img = self.img
+        if img._corrupt:
+            return
+        if img.mode == "r+":
+            self.say(f"qcow2: Marking image as corrupt: {msg}; further corruption events will be "
+                     "suppressed")
+        else:
+            self.say(f"qcow2: Image is corrupt: {msg}; further non-fatal corruption events will "
+                     "be suppressed")
+        img.signal_corruption(msg)
+
     # -- comparing --------------------------------------------------------------------------------
     def compare(self, res: CheckResult, counter: _Counter, fix: int) -> tuple[int, bool]:
         """Compare on-disk refcounts with the counts; repair what ``fix`` allows.  Returns the
@@ -391,19 +433,22 @@ class _Checker:
         counts = counter.counts
         nb = max(self.nb_file_clusters, counter.highest + 1)
         refcounts = self.refcounts
-        highest = -1
+        highest = 0
         rebuild = False
         entries = refcounts._entries
+        reftable = refcounts.reftable
         for r in range(-(-nb // entries)):
             first = r * entries
             n = min(entries, nb - first)
-            try:
-                block = refcounts._block(r)
-            except Qcow2Error as e:
+            raw = reftable[r] & C.REFT_OFFSET_MASK if r < len(reftable) else 0
+            if raw & (self.cs - 1):
+                self.img_corrupt(f"Refblock offset {raw:#x} unaligned (reftable index: "
+                                 f"{_c_hex(r)})")
                 for i in range(first, first + n):
-                    self.say(f"Can't get refcount for cluster {i}: {e}")
+                    self.say(f"Can't get refcount for cluster {i}: Input/output error")
                 res.check_errors += n
                 continue
+            block = refcounts._block(r)
             on_disk = block[:n] if block is not None else None
             wanted = counts[first:first + n]
             if on_disk is not None and on_disk == wanted:
@@ -430,7 +475,7 @@ class _Checker:
                 self.say(f"{what} cluster {i} refcount={refcount1} reference={refcount2}")
                 if fixed:
                     block[j] = refcount2
-                    self._repaired.add(r)
+                    self._repaired[r] = block
                     if fixed == "leaks":
                         res.leaks_fixed += 1
                     else:
@@ -440,16 +485,31 @@ class _Checker:
                     res.corruptions += 1
                 else:
                     res.leaks += 1
-        for r in sorted(self._repaired):
-            offset = refcounts.reftable[r] & C.REFT_OFFSET_MASK
-            self.file.pwrite(encode_refblock(refcounts._block(r), self.order), offset,
-                             ign=OL_REFCOUNT_BLOCK)
-        self._repaired.clear()
         return highest, rebuild
+
+    def refcount_now(self, cluster: int) -> int | None:
+        """The refcount of a cluster including repairs not yet written; None when it cannot be
+        read (an unaligned refcount block)."""
+        r, i = divmod(cluster, self.refcounts._entries)
+        block = self._repaired.get(r)
+        if block is None:
+            reftable = self.refcounts.reftable
+            if r < len(reftable) and reftable[r] & C.REFT_OFFSET_MASK & (self.cs - 1):
+                return None
+            block = self.refcounts._block(r)
+        return 0 if block is None else block[i]
+
+    def write_repairs(self) -> None:
+        """Write the refcount blocks changed by repairs (QEMU writes its refcount cache back when
+        the check completes; a failed repair loses them)."""
+        for r, block in sorted(self._repaired.items()):
+            offset = self.refcounts.reftable[r] & C.REFT_OFFSET_MASK
+            self.repair_write(encode_refblock(block, self.order), offset, OL_REFCOUNT_BLOCK,
+                              "ERROR writing refblock")
+        self._repaired.clear()
 
     def check_copied(self, res: CheckResult, fix: int) -> None:
         img = self.img
-        refcounts = RefcountReader(img._file, img.header)    # after the repairs above
         if fix & REPAIR_ERRORS:
             repair = True
         elif fix & REPAIR_LEAKS:
@@ -458,18 +518,21 @@ class _Checker:
             repair = False
         width = 2 if self.extended else 1
         l1 = img._read_l1(img.header.l1_table_offset, img.header.l1_size)
-        l1_changed = False
         for index, entry in enumerate(l1):
             l2_offset = entry & C.L1E_OFFSET_MASK
             if not l2_offset:
                 continue
-            refcount = refcounts.refcount(l2_offset >> self.bits)
+            refcount = self.refcount_now(l2_offset >> self.bits)
+            if refcount is None:
+                continue
             if (refcount == 1) != bool(entry & _COPIED):
                 self.say(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED L2 cluster: "
                          f"l1_index={index} l1_entry={entry:x} refcount={refcount}")
                 if repair:
                     l1[index] = (entry | _COPIED) if refcount == 1 else (entry & ~_COPIED)
-                    l1_changed = True
+                    sector = index & ~63          # QEMU rewrites the L1 sector holding it
+                    self.repair_write(encode_u64_table(l1[sector:sector + 64]),
+                                      img.header.l1_table_offset + 8 * sector, OL_ACTIVE_L1)
                     res.corruptions_fixed += 1
                 else:
                     res.corruptions += 1
@@ -489,7 +552,9 @@ class _Checker:
                 elif offset & (self.cs - 1):
                     continue
                 else:
-                    refcount = refcounts.refcount(offset >> self.bits)
+                    refcount = self.refcount_now(offset >> self.bits)
+                    if refcount is None:
+                        continue
                 if (refcount == 1) != bool(e & _COPIED):
                     self.say(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED data cluster: "
                              f"l2_entry={e:x} refcount={refcount}")
@@ -500,9 +565,7 @@ class _Checker:
                     else:
                         res.corruptions += 1
             if changed:
-                self.file.pwrite(encode_u64_table(table), l2_offset, ign=OL_ACTIVE_L2)
-        if l1_changed:
-            self.file.pwrite(encode_u64_table(l1), img.header.l1_table_offset, ign=OL_ACTIVE_L1)
+                self.repair_write(encode_u64_table(table), l2_offset, OL_ACTIVE_L2)
 
     # -- rebuilding -------------------------------------------------------------------------------
     def rebuild(self, counter: _Counter) -> None:
@@ -557,12 +620,27 @@ class _Checker:
         for r, cluster in sorted(blocks.items()):
             values = used[r * entries:(r + 1) * entries]
             values += [0] * (entries - len(values))
-            self.file.pwrite(encode_refblock(values, self.order), cluster << bits)
+            self.repair_write(encode_refblock(values, self.order), cluster << bits, 0,
+                              "ERROR writing refblock")
             table[r] = cluster << bits
-        self.file.pwrite(encode_u64_table(table), table_start << bits)
+        self.repair_write(encode_u64_table(table), table_start << bits, 0,
+                          "ERROR writing reftable")
         self.file.flush()
         self.img._update_header(refcount_table_offset=table_start << bits,
                                 refcount_table_clusters=table_clusters)
+
+    def repair_write(self, data, offset: int, ign: int, what: str | None = None) -> None:
+        """A repair write.  Once the image is marked corrupt every write fails (as in QEMU); a
+        write the guard refuses marks it.  Either way the check then fails with ``what``."""
+        failure = _RepairFailed(f"{what}: Input/output error" if what else "")
+        if self.img._corrupt:
+            raise failure
+        try:
+            self.file.pwrite(data, offset, ign=ign)
+        except OverlapError as e:
+            self.say(f"qcow2: Marking image as corrupt: {e}; further corruption events will be "
+                     "suppressed")
+            raise failure from None
 
     # -- overlap map ----------------------------------------------------------------------------
     def enter_metadata(self) -> None:
@@ -573,6 +651,15 @@ class _Checker:
                 self.overlaps.append(f"OVERLAP {type_name(type_bit)} at 0x{offset:x} "
                                      f"(0x{length:x} bytes) overlaps {type_name(hit)}")
             self.map.add(offset, length, type_bit)
+
+
+def _c_hex(value: int) -> str:
+    """C's ``%#x``: no prefix for zero."""
+    return f"{value:#x}" if value else "0"
+
+
+class _RepairFailed(Exception):
+    """A repair write failed: qemu-img prints the message, then ``Check failed``."""
 
 
 REPAIR_LEAKS = 1
@@ -624,6 +711,7 @@ def _check_once(img: "Image", fix: int, say, overlap_map: RangeMap | None, filen
             _restore(res, pre)
             highest, _ = checker.compare(res, counter, fix)
     checker.check_copied(res, fix)
+    checker.write_repairs()
     res.image_end_offset = (highest + 1) * img.cluster_size
     res.overlaps = checker.overlaps
     return res
@@ -692,6 +780,14 @@ def check_image(img: "Image", repair: str | None = None, *, overlap_mem: int | N
                 img.reload_metadata()
             if fix and res.failed is None and not res.check_errors and not res.corruptions:
                 img._mark_consistent()
+        except _RepairFailed as e:
+            res = CheckResult(filename=name, failed="Input/output error")
+            if str(e):
+                res.errors.append(str(e))
+        except OverlapError as e:    # a repair write the guard refused (it marked the image)
+            emit(f"qcow2: Marking image as corrupt: {e}; further corruption events will be "
+                 "suppressed")
+            res = CheckResult(filename=name, failed="Input/output error")
         except Qcow2Error as e:
             res = CheckResult(filename=name, check_errors=1, failed=str(e))
     res.messages = messages

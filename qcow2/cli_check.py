@@ -86,7 +86,7 @@ def cmd_check(args) -> int:
         if events_file is not None:
             events_file.close()
     if result.failed is not None:
-        raise CliError(f"Check failed: {result.failed}")
+        raise CliError("\n".join([*result.errors, f"Check failed: {result.failed}"]))
     if output == "json":
         from .info import dumps_qemu_json
         sys.stdout.write(dumps_qemu_json(result.to_json()) + "\n")

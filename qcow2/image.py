@@ -424,7 +424,7 @@ class Image(_Qcow2Reader):
         h = self.header
         if h.corrupt and not repair:
             raise CorruptImageError("Image is corrupt; cannot be opened read/write")
-        if self._bitmaps:
+        if self._bitmaps and not repair:
             raise UnsupportedError("Writing images with persistent dirty bitmaps is not supported "
                                    f"({len(self._bitmaps)} bitmaps in '{self.filename}')")
         if h.has_data_file and self._data is self._file:
@@ -483,8 +483,9 @@ class Image(_Qcow2Reader):
     def signal_corruption(self, msg: str, offset: int | None = None,
                           size: int | None = None) -> None:
         """Mark the image corrupt: the corrupt bit (read-write images), one
-        ``BLOCK_IMAGE_CORRUPTED`` event (later ones are suppressed, as QEMU does), and every later
-        write is refused.  Does not raise; callers raise their own error."""
+        ``BLOCK_IMAGE_CORRUPTED`` event (later ones are suppressed, as QEMU does; ``fatal`` is
+        false for a read-only image), and every later write is refused.  Does not raise; callers
+        raise their own error."""
         with self._lock:
             if self._corrupt:
                 return
@@ -498,7 +499,8 @@ class Image(_Qcow2Reader):
                 except Qcow2Error:
                     pass
         self.events.emit(image_corrupted_event(self.device or "", self.node_name, msg,
-                                               offset=offset, size=size, fatal=True))
+                                               offset=offset, size=size,
+                                               fatal=self._writer is not None))
 
     def _fail_corrupt(self, msg: str) -> None:
         """Signal corruption and raise :class:`CorruptImageError` (the writer's handler)."""
