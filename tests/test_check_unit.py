@@ -1,0 +1,184 @@
+"""check(): the library API, the overlap map inside the check, its memory budget and events,
+bounded cost on hostile offsets, and the repair of dirty lazy-refcount images at open."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import struct
+import subprocess
+import tracemalloc
+
+import pytest
+
+import qcow2
+from qcow2 import cli
+from qcow2.check import CheckResult
+from tests.qemu import qemu_img, qemu_io
+
+
+def _poke_u64(path, offset, value):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(">Q", value))
+
+
+def _image(tmp_path, name="img.qcow2", size="4M", options=None, writes=("write -P 1 0 256k",)):
+    path = tmp_path / name
+    argv = ["create", "-q", "-f", "qcow2"]
+    if options:
+        argv += ["-o", options]
+    qemu_img(*argv, str(path), size)
+    if writes:
+        qemu_io(str(path), *writes)
+    return path
+
+
+def _run(argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_image_check_api_clean(tmp_path):
+    path = _image(tmp_path)
+    with qcow2.open(str(path)) as img:
+        result = img.check()
+    assert isinstance(result, CheckResult)
+    assert result.exit_code == 0
+    assert result.allocated_clusters == 4
+    assert result.to_json()["image-end-offset"] == 0x90000
+    assert result.overlaps == [] and result.unprotected == []
+
+
+def test_repair_needs_read_write(tmp_path):
+    path = _image(tmp_path)
+    with qcow2.open(str(path)) as img:
+        with pytest.raises(qcow2.Qcow2Error, match="read-write"):
+            img.check(repair="all")
+
+
+def test_data_overlapping_metadata_is_named(tmp_path):
+    path = _image(tmp_path)
+    l2 = 0x40000
+    _poke_u64(path, l2 + 8, (1 << 63) | 0x20000)          # a data cluster on the refcount block
+    with qcow2.open(str(path)) as img:
+        result = img.check()
+    assert result.corruptions            # qemu-img's counters see a refcount mismatch ...
+    assert any("0x20000" in line and "refcount block" in line for line in result.overlaps)
+
+
+def test_metadata_overlapping_metadata_is_named(tmp_path):
+    path = _image(tmp_path)
+    _poke_u64(path, 0x30000, (1 << 63) | 0x10000)        # L1 entry -> the refcount table
+    with qcow2.open(str(path)) as img:
+        result = img.check()
+    assert any("0x10000" in line and "active L2 table" in line and "refcount table" in line
+               for line in result.overlaps), result.overlaps
+
+
+def test_overlap_mem_limit_events_and_summary(tmp_path):
+    path = _image(tmp_path, size="8M", options="cluster_size=512",
+                  writes=("write -P 1 0 1M", "write -P 2 4M 1M"))
+    plain = _run(["check", "--output=json", str(path)])
+    code, out, err = _run(["check", "--overlap-mem", "400", str(path)])
+    assert code == plain[0] == 0
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert events, err
+    for ev in events:
+        assert ev["event"] == "QCOW2_OVERLAP_CHECK_MEMORY_LIMIT_REACHED"
+        assert set(ev["data"]) == {"reference", "start", "length"}
+        assert ev["data"]["reference"] == "img.qcow2"
+    assert "Not overlap-checked (overlap map memory limit): 0x" in out
+    # the JSON output keeps exactly qemu-img's keys
+    code, out, err = _run(["check", "--overlap-mem", "400", "--output=json", str(path)])
+    assert json.loads(out) == json.loads(plain[1])
+
+
+def test_events_file(tmp_path):
+    path = _image(tmp_path, size="8M", options="cluster_size=512", writes=("write 0 1M",))
+    events = tmp_path / "events.jsonl"
+    code, out, err = _run(["check", "--overlap-mem", "400", "--events", str(events),
+                           str(path)])
+    assert code == 0
+    assert not [line for line in err.splitlines() if line.startswith("{")]
+    lines = events.read_text().splitlines()
+    assert lines and all(json.loads(line)["event"] == "QCOW2_OVERLAP_CHECK_MEMORY_LIMIT_REACHED"
+                         for line in lines)
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "4Q"])
+def test_bad_overlap_mem_is_an_error(tmp_path, value):
+    path = _image(tmp_path)
+    code, out, err = _run(["check", "--overlap-mem", value, str(path)])
+    assert code == 1
+    assert err.startswith("qcow2-tool: Invalid --overlap-mem value")
+    assert out == ""
+
+
+def test_overlap_check_none_skips_the_map(tmp_path):
+    path = _image(tmp_path)
+    _poke_u64(path, 0x40000 + 8, (1 << 63) | 0x20000)
+    code, out, err = _run(["check", "--overlap-check", "none", str(path)])
+    assert code == 2
+    assert "OVERLAP" not in err
+
+
+def test_raw_file_is_not_checked(tmp_path):
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(bytes(4096))
+    code, out, err = _run(["check", str(raw)])
+    assert code == 63
+    assert err == "qcow2-tool: This image format does not support checks\n"
+
+
+def test_pointer_at_32_pib_costs_nothing(tmp_path):
+    """iotest 138's point: a data pointer far past the end must not size any allocation."""
+    path = _image(tmp_path)
+    _poke_u64(path, 0x40000 + 8 * 7, (1 << 63) | (32 << 50))
+    with qcow2.open(str(path)) as img:
+        tracemalloc.start()
+        try:
+            result = img.check()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    theirs = json.loads(qemu_img("check", "--output=json", str(path), check=False).stdout)
+    assert result.corruptions == theirs["corruptions"]
+    assert any("exceeding the end of the file" in m for m in result.messages)
+    assert peak < 4 << 20
+
+
+def test_dirty_lazy_refcount_image_is_repaired_at_read_write_open(tmp_path):
+    path = _image(tmp_path, options="lazy_refcounts=on", writes=())
+    subprocess.run(["qemu-io", "-c", "write -P 9 0 192k", "-c", "abort", str(path)],
+                   capture_output=True)
+    before = qemu_img("check", str(path), check=False)
+    assert before.returncode != 0                  # the abort left refcounts behind
+    info = json.loads(qemu_img("info", "--output=json", str(path)).stdout)
+    assert info["dirty-flag"] is True
+    with qcow2.open(str(path), "r+") as img:
+        assert not img.header.dirty
+        assert img.pread(4, 0) == b"\x09" * 4
+    after = qemu_img("check", str(path), check=False)
+    assert after.returncode == 0, after.stdout + after.stderr
+
+
+def test_repair_clears_the_corrupt_bit(tmp_path):
+    path = _image(tmp_path)
+    with open(path, "r+b") as f:
+        f.seek(72)
+        flags = struct.unpack(">Q", f.read(8))[0]
+        f.seek(72)
+        f.write(struct.pack(">Q", flags | 2))
+    with pytest.raises(qcow2.CorruptImageError, match="Image is corrupt; cannot be opened"):
+        qcow2.open(str(path), "r+")
+    copy = tmp_path / "copy.qcow2"
+    shutil.copy(path, copy)
+    code, out, err = _run(["check", "-r", "all", str(copy)])
+    assert code == 0
+    with qcow2.open(str(copy), "r+") as img:      # consistent again: opens read-write
+        assert not img.header.corrupt
