@@ -14,7 +14,25 @@ import sys
 from .check import DEFAULT_OVERLAP_MEM, check_image
 from .errors import NotQcow2Error, Qcow2Error
 from .events import EventEmitter, json_lines_writer
+from .storage import Storage
 from .units import SizeError, parse_size
+
+
+class _EventsFile:
+    """``--events FILE``: JSON lines appended through :class:`~qcow2.storage.Storage` (the one
+    door to the disk), each line written as it happens."""
+
+    def __init__(self, path: str):
+        self._file = Storage(path, create=True, what="events file")
+
+    def write(self, text: str) -> None:
+        self._file.pwrite(text.encode(), self._file.size)
+
+    def flush(self) -> None:
+        """Lines are written at once; nothing to flush."""
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def add_parser(sub) -> None:
@@ -60,7 +78,7 @@ def cmd_check(args) -> int:
             raise CliError("This image format does not support checks", status=63)
     except Qcow2Error as e:
         raise CliError(str(e)) from None
-    events_file = open(args.events, "a", encoding="utf-8") if args.events else None
+    events_file = _EventsFile(args.events) if args.events else None
     try:
         emitter = EventEmitter(json_lines_writer(events_file or sys.stderr))
         mode = "r+" if args.repair else "r"

@@ -10,7 +10,7 @@ PACKAGE = pathlib.Path(qcow2.__file__).parent
 WRITE_CALLS = {("os", "write"), ("os", "pwrite"), ("os", "pwritev"), ("os", "writev"),
                ("os", "ftruncate"), ("os", "truncate"), ("os", "sendfile"),
                ("os", "copy_file_range"), ("shutil", "copyfile"), ("shutil", "copy"),
-               ("mmap", "mmap")}
+               ("mmap", "mmap"), ("os", "posix_fallocate"), ("os", "fallocate")}
 
 
 def _writers(tree: ast.AST):
