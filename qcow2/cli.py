@@ -16,11 +16,11 @@ import sys
 from typing import Sequence
 
 from .errors import Qcow2Error
-from .image import Image, open_layer
+from .image import Image, RawImage, open_layer, probe_format
 from .info import (MapOutputError, dumps_qemu_json, format_info_human, iter_map_human,
                    iter_map_json, image_info, raw_info)
 from .qemu_io import Session, command_writes
-from .convert import DEFAULT_SPARSE_SIZE, copy_to_raw
+from .convert import DEFAULT_SPARSE_SIZE, copy_to_image, copy_to_raw
 from .storage import Storage
 from .units import INT64_MAX, SizeError, parse_size
 
@@ -220,10 +220,24 @@ def _create_target(path: str, sources: Sequence[str]) -> Storage:
     return target
 
 
+def _open_source(path: str, fmt: str | None):
+    """A convert source: a qcow2 image (with its chain) or a raw file (``-f raw``, or probed)."""
+    if fmt not in (None, "qcow2", "raw"):
+        _check_format(path, fmt)
+    try:
+        if fmt == "raw" or (fmt is None and probe_format(path) == "raw"):
+            return RawImage(path)
+    except Qcow2Error as e:
+        raise CliError(f"Could not open '{path}': {e}") from None
+    return open_image(path, fmt)
+
+
 def cmd_convert(args) -> int:
-    if args.output_format != "raw":
+    if args.output_format not in ("raw", "qcow2"):
         raise CliError(f"output format '{args.output_format}' is not supported "
-                       f"(qcow2-tool converts to raw only)")
+                       f"(qcow2-tool writes raw and qcow2)")
+    if args.compress and args.output_format != "qcow2":
+        raise CliError("Compression not supported for this file format")
     granularity = DEFAULT_SPARSE_SIZE
     if args.sparse_size is not None:
         try:
@@ -235,23 +249,47 @@ def cmd_convert(args) -> int:
             raise CliError("Invalid buffer size for sparse output specified. Valid sizes are "
                            "multiples of 512 up to 16777216. Select 0 to disable sparse "
                            "detection (fully allocates output).")
-    with open_image(args.source, args.format) as img:
+    with _open_source(args.source, args.format) as img:
         reader = img
         if args.snapshot is not None:
+            if not isinstance(img, Image):
+                raise CliError("Failed to load snapshot: Can't find snapshot")
             try:
                 reader = img.snapshot(_snapshot_arg(args.snapshot), size=img.size)
             except Qcow2Error:
                 raise CliError("Failed to load snapshot: Can't find snapshot") from None
         size = reader.size
-        dst = _create_target(args.target, [img.filename, *_layer_filenames(img)])
+        sources = [img.filename, *_layer_filenames(img)] if isinstance(img, Image) \
+            else [img.filename]
+        progress = _Progress(args.progress and not args.quiet, size)
+        if args.output_format == "qcow2":
+            _convert_to_qcow2(args, reader, size, sources, progress)
+            progress.finish()
+            return 0
+        dst = _create_target(args.target, sources)
         try:
             dst.truncate(size)
-            progress = _Progress(args.progress and not args.quiet, size)
             copy_to_raw(reader, dst, sparse_size=granularity, progress=progress.update)
             progress.finish()
         finally:
             dst.close()
     return 0
+
+
+def _convert_to_qcow2(args, reader, size: int, sources, progress) -> None:
+    from .cli_create import CreateError, create_kwargs
+    from .create import create
+    _create_target(args.target, sources).close()       # refuses a target that is a source
+    try:
+        kwargs = create_kwargs(args.options or [])
+    except CreateError as e:
+        raise CliError(str(e)) from None
+    try:
+        target = create(args.target, size, **kwargs)
+    except Qcow2Error as e:
+        raise CliError(f"{args.target}: error while converting qcow2: {e}") from None
+    with target:
+        copy_to_image(reader, target, compress=args.compress, progress=progress.update)
 
 
 # -- io -------------------------------------------------------------------------------------------
@@ -306,9 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("filename")
     p.set_defaults(func=cmd_map)
 
-    p = sub.add_parser("convert", help="convert to a raw image (qemu-img convert -O raw)")
+    p = sub.add_parser("convert", help="convert an image (qemu-img convert -O raw|qcow2)")
     common(p, output=False)
-    p.add_argument("-O", dest="output_format", default="raw", help="output format (only raw)")
+    p.add_argument("-O", dest="output_format", default="raw", help="output format (raw, qcow2)")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTIONS",
+                   help="qcow2 creation options, as for create (repeatable)")
+    p.add_argument("-c", dest="compress", action="store_true",
+                   help="compress the target's clusters (qcow2)")
     p.add_argument("-l", dest="snapshot", default=None, metavar="SNAPSHOT",
                    help="internal snapshot: ID, name, snapshot.id=ID or snapshot.name=NAME")
     p.add_argument("-p", dest="progress", action="store_true", help="show progress")

@@ -66,6 +66,34 @@ def _size(key: str, value: str) -> int:
                           "peta-\nand exabytes, respectively.") from None
 
 
+def _typed(opts: dict[str, str]) -> dict:
+    """Raw ``-o`` strings -> keyword arguments of :func:`qcow2.create` (qemu-img's parse errors)."""
+    kwargs: dict = {}
+    if "cluster_size" in opts:
+        kwargs["cluster_size"] = _size("cluster_size", opts["cluster_size"])
+    if "refcount_bits" in opts:
+        try:
+            kwargs["refcount_bits"] = int(opts["refcount_bits"], 0)
+        except ValueError:
+            raise CreateError("Parameter 'refcount_bits' expects a non-negative number") from None
+    for key in _BOOL_KEYS:
+        if key in opts:
+            kwargs[key] = _bool(key, opts[key])
+    for key in ("compat", "compression_type", "preallocation", "backing_file", "backing_fmt",
+                "data_file"):
+        if key in opts:
+            kwargs[key] = opts[key]
+    return kwargs
+
+
+def create_kwargs(option_strings: list[str]) -> dict:
+    """``-o`` option strings (convert's) -> keyword arguments of :func:`qcow2.create`."""
+    opts = parse_options(option_strings)
+    if "size" in opts or "backing_file" in opts:
+        raise CreateError("size and backing_file cannot be given to convert -o")
+    return _typed(opts)
+
+
 def run_create(args) -> int:
     """Body of the ``create`` command; returns the exit status."""
     fmt = args.format or "raw"
@@ -104,38 +132,20 @@ def run_create(args) -> int:
         except Qcow2Error:
             pass
         raise CreateError(message)
-    kwargs = {}
-    if "cluster_size" in opts:
-        kwargs["cluster_size"] = _size("cluster_size", opts["cluster_size"])
-    if "refcount_bits" in opts:
-        try:
-            kwargs["refcount_bits"] = int(opts["refcount_bits"], 0)
-        except ValueError:
-            raise CreateError("Parameter 'refcount_bits' expects a non-negative number") from None
-    for key in _BOOL_KEYS:
-        if key in opts:
-            kwargs[key] = _bool(key, opts[key])
-    for key in ("compat", "compression_type", "preallocation", "backing_file", "backing_fmt",
-                "data_file"):
-        if key in opts:
-            kwargs[key] = opts[key]
+    kwargs = _typed(opts)
     if opts.get("encryption") not in (None, "off", "no", "false"):
         raise CreateError("encryption is not supported (qcow2-tool creates unencrypted images)")
     unsafe = args.unsafe
     if size is None and (opts.get("backing_file") is None or unsafe):
         raise CreateError("Image creation needs a size parameter")
-    if size is None:
-        from .create import backing_size
+    if opts.get("backing_file") is not None and not unsafe:
+        from .create import backing_size        # the backing file must open
         try:
-            size = backing_size(args.filename, opts["backing_file"], opts.get("backing_fmt"))
+            found = backing_size(args.filename, opts["backing_file"], opts.get("backing_fmt"))
         except BackingError as e:
             raise CreateError(str(e).replace("Could not open backing file: ", "")) from None
-    elif opts.get("backing_file") is not None and not unsafe:
-        from .create import backing_size
-        try:
-            backing_size(args.filename, opts["backing_file"], opts.get("backing_fmt"))
-        except BackingError as e:
-            raise CreateError(str(e).replace("Could not open backing file: ", "")) from None
+        if size is None:
+            size = found
     if not args.quiet:
         sys.stdout.write(_formatting_line(args.filename, opts, size))
         sys.stdout.flush()

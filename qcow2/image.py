@@ -132,6 +132,15 @@ class _Device:
         """This layer's status of the range, in order (without looking at the backing file)."""
         raise NotImplementedError
 
+    def close(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def pread(self, length: int, offset: int) -> bytes:
         """Return ``length`` guest bytes at ``offset``.  Raises ``RequestError`` past the end."""
         _check_request(offset, length, self.size)
@@ -717,12 +726,6 @@ class Image(_Qcow2Reader):
                 if self._data is not self._file:
                     self._data.close()
                 self._file.close()
-
-    def __enter__(self) -> "Image":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<qcow2.Image {self.filename!r} size={self.size} mode={self.mode!r}>"

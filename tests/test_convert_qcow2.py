@@ -1,0 +1,105 @@
+"""``qcow2-tool convert -O qcow2`` against ``qemu-img convert -O qcow2``: same guest content,
+clean images, zero clusters left unallocated, options and compression honoured."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+
+import pytest
+
+import qcow2
+from qcow2 import cli
+from tests.qemu import qemu_img, qemu_io
+
+MiB = 1 << 20
+
+
+def _ours(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def _raw_source(path, size=8 * MiB):
+    with open(path, "wb") as f:
+        f.truncate(size)
+        f.seek(MiB + 123)
+        f.write(os.urandom(300000))
+        f.seek(5 * MiB)
+        f.write(b"\x5a" * 65536)
+        f.seek(6 * MiB)
+        f.write(bytes(65536))           # explicit zeros: stay unallocated
+    return path
+
+
+def _allocated(path) -> list:
+    return [(e["start"], e["length"]) for e in
+            json.loads(qemu_img("map", "--output=json", str(path)).stdout) if e["data"]]
+
+
+@pytest.mark.parametrize("options", ["", "cluster_size=4096", "compat=0.10",
+                                     "cluster_size=2M,refcount_bits=64",
+                                     "extended_l2=on,cluster_size=128k", "preallocation=metadata"])
+def test_raw_to_qcow2(tmp_path, options):
+    src = _raw_source(tmp_path / "src.raw")
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    extra = ["-o", options] if options else []
+    code, out, err = _ours("convert", "-f", "raw", "-O", "qcow2", *extra, str(src), str(ours))
+    assert (code, out, err) == (0, "", "")
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", *extra, str(src), str(theirs))
+    assert qemu_img("check", str(ours)).returncode == 0
+    assert qemu_img("compare", "-f", "qcow2", "-F", "raw", str(ours), str(src)).returncode == 0
+    if "preallocation" not in options:
+        assert _allocated(ours) == _allocated(theirs)
+
+
+def test_qcow2_to_qcow2_compressed_zstd(tmp_path):
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "4M")
+    qemu_io(str(src), "write -P 0x11 0 1M", "write -P 0x22 2M 64k", "write -z 3M 64k")
+    dst = tmp_path / "dst.qcow2"
+    code, _, err = _ours("convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd",
+                         str(src), str(dst))
+    assert code == 0, err
+    assert qemu_img("check", str(dst)).returncode == 0
+    assert qemu_img("compare", str(src), str(dst)).returncode == 0
+    check = json.loads(qemu_img("check", "--output=json", str(dst)).stdout)
+    assert check["compressed-clusters"] == 17
+    info = json.loads(qemu_img("info", "--output=json", str(dst)).stdout)
+    assert info["format-specific"]["data"]["compression-type"] == "zstd"
+
+
+def test_snapshot_to_qcow2(tmp_path):
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "2M")
+    qemu_io(str(src), "write -P 0x33 0 1M")
+    qemu_img("snapshot", "-c", "s1", str(src))
+    qemu_io(str(src), "write -P 0x44 0 1M")
+    dst = tmp_path / "dst.qcow2"
+    assert _ours("convert", "-l", "s1", "-O", "qcow2", str(src), str(dst))[0] == 0
+    with qcow2.open(str(dst)) as img:
+        assert img.pread(MiB, 0) == b"\x33" * MiB
+
+
+def test_target_that_is_the_source_is_refused(tmp_path):
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(src), "1M")
+    qemu_io(str(src), "write -P 1 0 64k")
+    before = src.read_bytes()
+    code, _, err = _ours("convert", "-O", "qcow2", str(src), str(src))
+    assert code == 1 and "being read" in err
+    assert src.read_bytes() == before
+
+
+def test_bad_option_is_refused_and_writes_nothing(tmp_path):
+    src = _raw_source(tmp_path / "src.raw", MiB)
+    dst = tmp_path / "dst.qcow2"
+    code, _, err = _ours("convert", "-O", "qcow2", "-o", "cluster_size=1000", str(src), str(dst))
+    assert code == 1
+    assert "Cluster size must be a power of two between 512 and 2048k" in err
+    code, _, err = _ours("convert", "-c", "-O", "raw", str(src), str(dst))
+    assert code == 1 and "Compression not supported" in err
