@@ -43,6 +43,7 @@ from .overlap_types import (OL_ACTIVE_L1, OL_ACTIVE_L2, OL_INACTIVE_L2, OL_REFCO
                             parse_overlap_check, type_name)
 from .refcount import RefcountReader
 from .snapshot import snapshot_table_size
+from .units import c_hex
 from .tables import decode_compressed, decode_u64_table, encode_refblock, encode_u64_table
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -219,7 +220,7 @@ class _Checker:
             res.corruptions += 1
         for sn in img.snapshots:
             if sn.l1_size > C.QCOW_MAX_L1_SIZE // 8:
-                self.say(f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={sn.l1_size:#x}: L1 "
+                self.say(f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={c_hex(sn.l1_size)}: L1 "
                          "size is too large; snapshot table entry corrupted")
                 res.corruptions += 1
                 continue
@@ -496,8 +497,8 @@ class _Checker:
             n = min(entries, nb - first)
             raw = reftable[r] & C.REFT_OFFSET_MASK if r < len(reftable) else 0
             if raw & (self.cs - 1):
-                self.img_corrupt(f"Refblock offset {raw:#x} unaligned (reftable index: "
-                                 f"{_c_hex(r)})")
+                self.img_corrupt(f"Refblock offset {c_hex(raw)} unaligned (reftable index: "
+                                 f"{c_hex(r)})")
                 for i in range(first, first + n):
                     self.say(f"Can't get refcount for cluster {i}: Input/output error")
                 res.check_errors += n
@@ -733,11 +734,6 @@ class _Checker:
                 self.overlaps.append(f"OVERLAP {type_name(type_bit)} at 0x{offset:x} "
                                      f"(0x{length:x} bytes) overlaps {type_name(hit)}")
             self.map.add(offset, length, type_bit)
-
-
-def _c_hex(value: int) -> str:
-    """C's ``%#x``: no prefix for zero."""
-    return f"{value:#x}" if value else "0"
 
 
 class _RepairFailed(Exception):

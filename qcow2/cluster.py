@@ -27,6 +27,7 @@ from __future__ import annotations
 from array import array
 from typing import Iterator, NamedTuple
 
+from .units import c_hex
 from .constants import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
                         QCOW_OFLAG_ZERO, SUBCLUSTERS_PER_CLUSTER)
 from .cache import TableCache
@@ -68,7 +69,7 @@ class Mapping:
         l2_offset = self.l1[l1_index] & L1E_OFFSET_MASK
         if l2_offset & (self.cluster_size - 1):
             raise CorruptImageError(
-                f"L2 table offset 0x{l2_offset:x} unaligned (L1 index: 0x{l1_index:x})")
+                f"L2 table offset {c_hex(l2_offset)} unaligned (L1 index: {c_hex(l1_index)})")
         return l2_offset
 
     def segments(self, guest_offset: int, length: int) -> list[Segment]:
@@ -165,15 +166,15 @@ class Mapping:
         if entry & QCOW_OFLAG_COMPRESSED:
             if bitmap or self.has_data_file:
                 raise CorruptImageError(
-                    f"Invalid compressed cluster entry 0x{entry:x} (L2 offset: 0x{l2_offset:x}, "
-                    f"L2 index: 0x{l2_index:x}, bitmap: 0x{bitmap:x}, external data file: "
+                    f"Invalid compressed cluster entry {c_hex(entry)} (L2 offset: {c_hex(l2_offset)}, "
+                    f"L2 index: {c_hex(l2_index)}, bitmap: {c_hex(bitmap)}, external data file: "
                     f"{'yes' if self.has_data_file else 'no'})")
             return None
         host = entry & L2E_OFFSET_MASK
         if host & (self.cluster_size - 1):
             raise CorruptImageError(
-                f"Cluster allocation offset 0x{host:x} unaligned "
-                f"(L2 offset: 0x{l2_offset:x}, L2 index: 0x{l2_index:x})")
+                f"Cluster allocation offset {c_hex(host)} unaligned "
+                f"(L2 offset: {c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})")
         if host or (self.has_data_file and entry & QCOW_OFLAG_COPIED):
             return host
         return -1
@@ -185,8 +186,8 @@ class Mapping:
         elif entry & QCOW_OFLAG_ZERO:
             if not self.zero_flag:
                 raise CorruptImageError(
-                    f"Zero cluster entry found in pre-v3 image (L2 offset: 0x{l2_offset:x}, "
-                    f"L2 index: 0x{l2_index:x})")
+                    f"Zero cluster entry found in pre-v3 image (L2 offset: {c_hex(l2_offset)}, "
+                    f"L2 index: {c_hex(l2_index)})")
             _append(out, ZERO, pos, n, host + in_cluster if host >= 0 else -1)
         elif host >= 0:
             _append(out, DATA, pos, n, host + in_cluster)
@@ -204,13 +205,13 @@ class Mapping:
         zero_mask = bitmap >> 32
         if alloc_mask & zero_mask:
             raise CorruptImageError(
-                f"Invalid subcluster bitmap 0x{bitmap:x} (L2 offset: 0x{l2_offset:x}, "
-                f"L2 index: 0x{l2_index:x}): subclusters both allocated and zero")
+                f"Invalid subcluster bitmap {c_hex(bitmap)} (L2 offset: {c_hex(l2_offset)}, "
+                f"L2 index: {c_hex(l2_index)}): subclusters both allocated and zero")
         allocated = host >= 0
         if not allocated and alloc_mask:
             raise CorruptImageError(
-                f"Invalid subcluster bitmap 0x{bitmap:x} for an unallocated cluster "
-                f"(L2 offset: 0x{l2_offset:x}, L2 index: 0x{l2_index:x})")
+                f"Invalid subcluster bitmap {c_hex(bitmap)} for an unallocated cluster "
+                f"(L2 offset: {c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})")
         sc_bits = self.subcluster_bits
         off = in_cluster
         stop = in_cluster + n

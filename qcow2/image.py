@@ -25,6 +25,7 @@ inconsistency goes through :meth:`Image.signal_corruption`: corrupt bit, ``BLOCK
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -36,8 +37,8 @@ from .cache import TableCache
 from .cluster import COMPRESSED, DATA, UNALLOCATED, ZERO, Mapping
 from .compress import decompress_cluster
 from .events import EventEmitter, Subscriber, image_corrupted_event
-from .errors import (BackingError, CorruptImageError, FormatError, Qcow2Error, ReadOnlyError,
-                     RequestError, UnsupportedError)
+from .errors import (BackingError, CorruptImageError, FormatError, OverlapError, Qcow2Error,
+                     ReadOnlyError, RequestError, UnsupportedError)
 from .bitmap import BitmapDirectoryEntry, decode_bitmap_directory
 from .header import decode_header, encode_header_fields
 from .overlap_types import OL_MAIN_HEADER, OL_MASK_LIMIT, parse_overlap_check
@@ -529,6 +530,17 @@ class Image(_Qcow2Reader):
             self._update_header(incompatible_features=h.incompatible_features | C.INCOMPAT_DIRTY)
             self._file.flush()
 
+    @contextlib.contextmanager
+    def _signalling(self):
+        """Corruption found while serving a request marks the image (QEMU does the same on the
+        read path of a writable image; a read-only image gets a non-fatal event)."""
+        try:
+            yield
+        except CorruptImageError as e:
+            if not self._corrupt and not isinstance(e, OverlapError):
+                self.signal_corruption(str(e))
+            raise
+
     def pwrite(self, data, offset: int) -> int:
         """Write ``data`` (any bytes-like) at guest ``offset``; returns the number of bytes.
 
@@ -537,7 +549,7 @@ class Image(_Qcow2Reader):
         ``RequestError`` for a range outside the disk, ``ReadOnlyError`` on a read-only image,
         ``CorruptImageError``/``OverlapError`` when the image is (found) corrupt."""
         view = memoryview(data).cast("B")
-        with self._lock:
+        with self._lock, self._signalling():
             self._begin_write(offset, len(view))
             if len(view):
                 self._writer.pwrite(view, offset)
@@ -547,7 +559,7 @@ class Image(_Qcow2Reader):
         """Make the range read as zeros.  Whole clusters (subclusters with extended L2) get the zero
         flag (version 3; ``may_unmap`` also frees their host clusters) or, on version 2, are
         deallocated where no backing file shows through; partial ones are written with zeros."""
-        with self._lock:
+        with self._lock, self._signalling():
             self._begin_write(offset, length)
             if length:
                 self._writer.write_zeroes(offset, length, may_unmap)
@@ -555,7 +567,7 @@ class Image(_Qcow2Reader):
     def discard(self, offset: int, length: int) -> None:
         """Free the whole clusters in the range (partial clusters at the edges are left alone).
         Afterwards they read as zeros (version 3) or from the backing file (version 2)."""
-        with self._lock:
+        with self._lock, self._signalling():
             self._begin_write(offset, length)
             if length:
                 self._writer.discard(offset, length)
@@ -569,7 +581,7 @@ class Image(_Qcow2Reader):
         if offset % cs or (len(view) % cs and offset + len(view) != self.size):
             raise RequestError(f"Compressed writes need whole clusters: offset 0x{offset:x}, "
                                f"length 0x{len(view):x}, cluster size 0x{cs:x}")
-        with self._lock:
+        with self._lock, self._signalling():
             self._begin_write(offset, len(view))
             if len(view):
                 self._writer.write_compressed(view, offset)
@@ -582,7 +594,7 @@ class Image(_Qcow2Reader):
             raise RequestError(f"The new size must be a non-negative multiple of 512, not {size}")
         if size > C.INT64_MAX - (1 << 30):
             raise RequestError("Image size must be less than 8 EiB!")
-        with self._lock:
+        with self._lock, self._signalling():
             self._begin_write(0, 0)
             self._writer.resize(size, shrink)
 
@@ -617,9 +629,10 @@ class Image(_Qcow2Reader):
     def readinto(self, buf, offset: int) -> None:
         """Read ``len(buf)`` guest bytes at ``offset`` into ``buf`` (see :meth:`pread`)."""
         if self._writer is None:
-            super().readinto(buf, offset)
+            with self._signalling():
+                super().readinto(buf, offset)
             return
-        with self._lock:
+        with self._lock, self._signalling():
             super().readinto(buf, offset)
 
     def map(self, offset: int = 0, length: int | None = None) -> list[Extent]:

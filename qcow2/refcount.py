@@ -31,6 +31,7 @@ import array
 import threading
 from typing import TYPE_CHECKING, Callable
 
+from .units import c_hex
 from . import constants as C
 from .cache import TableCache
 from .errors import CorruptImageError, Qcow2Error
@@ -151,8 +152,8 @@ class Refcounts(RefcountReader):
             return 0
         offset = table[reftable_index] & C.REFT_OFFSET_MASK
         if offset & (self._cluster_size - 1):
-            self._signal_corruption(f"Refblock offset 0x{offset:x} unaligned "
-                                    f"(reftable index: 0x{reftable_index:x})")
+            self._signal_corruption(f"Refblock offset {c_hex(offset)} unaligned "
+                                    f"(reftable index: {c_hex(reftable_index)})")
         return offset
 
     def _write_reftable_entry(self, reftable_index: int) -> None:
@@ -167,12 +168,12 @@ class Refcounts(RefcountReader):
         r, i = divmod(cluster_index, self._entries)
         offset = self._block_offset(r)
         if not offset:
-            self._signal_corruption(f"No refcount block covers cluster 0x{cluster_index:x} "
-                                    f"(reftable index 0x{r:x})")
+            self._signal_corruption(f"No refcount block covers cluster {c_hex(cluster_index)} "
+                                    f"(reftable index {c_hex(r)})")
         block = self._blocks.load(offset)
         value = block[i] + delta
         if value < 0 or value > self._max_refcount:
-            self._signal_corruption(f"Refcount of cluster 0x{cluster_index:x} would become "
+            self._signal_corruption(f"Refcount of cluster {c_hex(cluster_index)} would become "
                                     f"{value} (refcount_bits {1 << self._order})")
         block[i] = value
         self._blocks.mark_dirty(offset, block)
@@ -256,7 +257,7 @@ class Refcounts(RefcountReader):
             offset = self._block_offset(r)
             block = self._blocks.load(offset)
             if block[i:i + n].count(0) != n:
-                self._signal_corruption(f"Allocated cluster 0x{pos:x}.. already has a refcount")
+                self._signal_corruption(f"Allocated cluster {c_hex(pos)}.. already has a refcount")
             block[i:i + n] = array.array(block.typecode, (1,)) * n
             self._blocks.mark_dirty(offset, block)
             pos += n
@@ -279,13 +280,13 @@ class Refcounts(RefcountReader):
             if len(missing) <= extra:
                 break
             extra = len(missing)
-        if start == 0:
-            # cluster 0 is the header: the refcount structures are broken
-            kind = "refcount block" if missing and missing[0] == 0 else what
-            self._signal_corruption(f"Preventing invalid allocation of {kind} at offset 0")
+        if start == 0 and what in ("L2 table", "compressed cluster"):
+            # cluster 0 is the header: the refcount structures are broken (QEMU checks this for
+            # these two; anything else placed there is refused by the overlap guard)
+            self._signal_corruption(f"Preventing invalid allocation of {what} at offset 0")
         stop = start + nb_clusters + len(missing)
         if stop << self._cluster_bits > C.MAX_HOST_OFFSET:
-            raise Qcow2Error(f"Cannot allocate {what}: host offset 0x{stop << self._cluster_bits:x}"
+            raise Qcow2Error(f"Cannot allocate {what}: host offset {c_hex(stop << self._cluster_bits)}"
                              " is past the 2^56 limit")
         first_block = start + nb_clusters
         blocks = {r: (first_block + i) << self._cluster_bits for i, r in enumerate(missing)}
@@ -297,9 +298,10 @@ class Refcounts(RefcountReader):
         """Create empty refcount blocks in the cache (dirty) and protect them."""
         cs = self._cluster_size
         for offset in blocks.values():
-            self._blocks.put(offset, decode_refblock(bytes(cs), self._order))
-            if self._guard is not None:
+            if self._guard is not None:     # never onto other metadata
+                self._guard.check_write(offset, cs, OL_REFCOUNT_BLOCK)
                 self._guard.enter(offset, cs, OL_REFCOUNT_BLOCK)
+            self._blocks.put(offset, decode_refblock(bytes(cs), self._order))
 
     def _install(self, blocks: dict[int, int], first: int, stop: int) -> None:
         """Create ``blocks`` (reftable index -> host offset), count clusters ``[first, stop)``, and

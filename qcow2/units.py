@@ -105,3 +105,8 @@ def format_io_time(seconds: float, machine: bool = False) -> str:
         whole = int(seconds)
         return "%u:%02u:%05.2f" % (whole // 3600, whole // 60 % 60, seconds - whole // 60 * 60)
     return "%05.2f sec" % seconds
+
+
+def c_hex(value: int) -> str:
+    """``value`` as C's ``%#x`` prints it (QEMU's messages): ``0x1f``, but ``0`` for zero."""
+    return f"{value:#x}" if value else "0"

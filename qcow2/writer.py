@@ -30,6 +30,7 @@ import array
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from .units import c_hex
 from . import constants as C
 from .compress import compress_cluster
 from .errors import RequestError, UnsupportedError
@@ -131,8 +132,8 @@ class Writer:
         l2_offset = entry & C.L1E_OFFSET_MASK
         cs = self.cluster_size
         if l2_offset & (cs - 1):
-            self.img._fail_corrupt(f"L2 table offset 0x{l2_offset:x} unaligned "
-                                   f"(L1 index: 0x{l1_index:x})")
+            self.img._fail_corrupt(f"L2 table offset {c_hex(l2_offset)} unaligned "
+                                   f"(L1 index: {c_hex(l1_index)})")
         if l2_offset and entry & _COPIED:
             if l2_offset not in self._l2_checked:    # an L2 table lying on other metadata
                 guard = img._guard
@@ -148,7 +149,8 @@ class Writer:
                 img._guard.leave(l2_offset, cs, OL_ACTIVE_L2)
         else:
             table = decode_u64_table(bytes(cs))
-        if img._guard is not None:
+        if img._guard is not None:      # the new table must not land on other metadata
+            img._guard.check_write(new_offset, cs, OL_ACTIVE_L2)
             img._guard.enter(new_offset, cs, OL_ACTIVE_L2)
         self.l2_cache.put(new_offset, table)
         img.l1_table[l1_index] = new_offset | _COPIED
@@ -165,13 +167,14 @@ class Writer:
             if host:
                 self.refcounts.decref(host >> self.cluster_bits)
 
-    def _in_place(self, entry: int) -> bool:
+    def _in_place(self, entry: int, cluster_index: int) -> bool:
         """A standard entry whose cluster can be overwritten where it is."""
         if entry & (_COMPRESSED | _ZERO) or not entry & _COPIED:
             return False
         host = entry & _MASK
         if host & (self.cluster_size - 1):
-            self.img._fail_corrupt(f"Cluster allocation offset 0x{host:x} unaligned")
+            self.img._fail_corrupt(f"Data cluster offset {c_hex(host)} unaligned (guest offset: "
+                                   f"{c_hex(cluster_index << self.cluster_bits)})")
         return bool(host) or self.has_data_file
 
     def _new_host(self, cluster_index: int, nb_clusters: int) -> int:
@@ -220,9 +223,9 @@ class Writer:
         while ci <= last:
             entry = table[ci % e]
             stop = ci + 1
-            if self._in_place(entry):
+            if self._in_place(entry, ci):
                 host = entry & _MASK
-                while stop <= last and self._in_place(table[stop % e]) and \
+                while stop <= last and self._in_place(table[stop % e], stop) and \
                         table[stop % e] & _MASK == host + ((stop - ci) << bits):
                     stop += 1
                 start_g = max(guest_offset, ci << bits)
@@ -230,7 +233,7 @@ class Writer:
                 self.data.pwrite(view[start_g - guest_offset:stop_g - guest_offset],
                                  host + start_g - (ci << bits))
             else:
-                while stop <= last and not self._in_place(table[stop % e]):
+                while stop <= last and not self._in_place(table[stop % e], stop):
                     stop += 1
                 self._allocating_write(l2_offset, table, ci, stop, view, guest_offset)
             ci = stop
@@ -291,8 +294,8 @@ class Writer:
             host = entry & _MASK
             allocated = not compressed and (bool(host) or (self.has_data_file and entry & _COPIED))
             if alloc & zero or (alloc and not allocated and not compressed):
-                self.img._fail_corrupt(f"Invalid subcluster bitmap 0x{bitmap:x} "
-                                       f"(L2 offset: 0x{l2_offset:x}, L2 index: 0x{ci % e:x})")
+                self.img._fail_corrupt(f"Invalid subcluster bitmap {c_hex(bitmap)} "
+                                       f"(L2 offset: {c_hex(l2_offset)}, L2 index: {c_hex(ci % e)})")
             in_place = allocated and entry & _COPIED
             if in_place:
                 target = host
@@ -387,7 +390,7 @@ class Writer:
             else:
                 for ci in range(pos >> bits, ((chunk_end - 1) >> bits) + 1):
                     old = table[ci % e]
-                    keep = not may_unmap and self._in_place(old)
+                    keep = not may_unmap and self._in_place(old, ci)
                     table[ci % e] = (old & _MASK) | _COPIED | _ZERO if keep else _ZERO
                     if not keep:
                         self._release(old)
