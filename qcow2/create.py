@@ -146,7 +146,7 @@ def _features() -> tuple[FeatureName, ...]:
 
 def backing_size(image_path: str, backing_file: str, backing_fmt: str | None) -> int:
     """Virtual size of a backing file named as it will be stored (relative to the image's
-    directory), for ``create`` without a size.  A raw file counts whole sectors."""
+    directory), for ``create`` without a size (a raw file counts whole sectors)."""
     from .image import _relative_to, open_layer
     path = _relative_to(image_path, backing_file)
     try:
@@ -154,10 +154,7 @@ def backing_size(image_path: str, backing_file: str, backing_fmt: str | None) ->
     except Qcow2Error as e:
         raise BackingError(f"{e}\nCould not open backing image.") from None
     try:
-        size = layer.size
-        if layer.format == "raw":
-            size = -(-size // C.SECTOR_SIZE) * C.SECTOR_SIZE
-        return size
+        return layer.size
     finally:
         layer.close()
 

@@ -221,7 +221,8 @@ class RawImage(_Device):
     def __init__(self, path: str):
         self.filename = path
         self._file = Storage(path, what="backing file")
-        self.size = self._file.size
+        # QEMU sees whole sectors: a file's last partial sector reads as padded with zeros
+        self.size = -(-self._file.size // C.SECTOR_SIZE) * C.SECTOR_SIZE
 
     def _read_layer(self, dst: memoryview, guest_offset: int, work: list) -> None:
         self._file.readinto(dst, guest_offset)

@@ -564,11 +564,22 @@ def test_not_qcow2(capsys, bad_files, tmp_path, command):
     path = str(bad_files / "junk.bin")
     extra = [str(tmp_path / "o.raw")] if command[0] == "convert" else []
     q = qemu(command[0], "-f", "qcow2", path, *extra) if command[0] != "io" else None
-    status, out, err = tool(capsys, *command, path, *extra)
+    forced = ["-f", "qcow2"] if command[0] == "convert" else []   # unforced: probed as raw
+    status, out, err = tool(capsys, *command, *forced, path, *extra)
     assert status == 1 and out == ""
     assert err == f"qcow2-tool: Could not open '{path}': Image is not in qcow2 format\n"
     if q is not None:
         assert as_qemu_err(err) == q[2]
+
+
+def test_convert_probes_raw_like_qemu_img(capsys, bad_files, tmp_path):
+    """Without -f, a file that is not qcow2 is converted as raw, as qemu-img does."""
+    path = str(bad_files / "junk.bin")
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    q = qemu("convert", "-O", "raw", path, str(theirs))
+    assert tool(capsys, "convert", "-O", "raw", path, str(ours)) == (q[0], q[1], "") == \
+        (0, "", "")
+    assert ours.read_bytes() == theirs.read_bytes()
 
 
 def test_truncated_data_reads_zero(capsys, bad_files, tmp_path):
