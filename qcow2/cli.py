@@ -1,4 +1,5 @@
-"""``qcow2-tool``: qemu-img's words (``info``, ``map``, ``convert``) and qemu-io's (``io``).
+"""``qcow2-tool``: qemu-img's words (``info``, ``map``, ``convert``, ``create``, ``check``,
+``resize``) and qemu-io's (``io``).
 
 Options, output formats, messages and exit codes follow qemu-img / qemu-io 7.2, so that scripts
 written for them keep working.  Every error ends as one ``qcow2-tool: <message>`` line on stderr and
@@ -365,8 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_create(sub, common)
     from .cli_check import add_parser as add_check
     add_check(sub)
+    from .cli_resize import add_parser as add_resize
+    add_resize(sub, common)
 
-    p = sub.add_parser("io", help="run qemu-io commands (read ...)")
+    p = sub.add_parser("io", help="run qemu-io commands (read, write, discard, flush)")
     common(p, output=False)
     p.add_argument("-r", "--read-only", action="store_true", help="open read-only")
     p.add_argument("-c", "--cmd", action="append", metavar="CMD",
@@ -379,8 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``qcow2-tool`` and ``python -m qcow2``; returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        size = None
+        if argv[:1] == ["resize"]:       # the size may look like an option: "-1G"
+            from .cli_resize import split_size
+            argv, size = split_size(argv)
         args = parser.parse_args(argv)
+        if size is not None:
+            args.size = size
         return args.func(args)
     except CliError as e:
         _print_error(str(e), e.prefix_all)

@@ -556,27 +556,38 @@ class Image(_Qcow2Reader):
                 self._writer.pwrite(view, offset)
         return len(view)
 
-    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
+                     no_fallback: bool = False) -> None:
         """Make the range read as zeros.  Whole clusters (subclusters with extended L2) get the zero
         flag (version 3; ``may_unmap`` also frees their host clusters) or, on version 2, are
-        deallocated where no backing file shows through; partial ones are written with zeros."""
+        deallocated where no backing file shows through; partial ones are written with zeros.
+
+        ``no_fallback`` (qemu-io's ``write -z -n``) refuses, with ``UnsupportedError`` and before
+        changing anything, a request that would need zeros written as data: a partial
+        (sub)cluster whose other bytes do not read as zeros, a version 2 cluster over a backing
+        file, an external raw data file."""
         with self._lock, self._signalling():
             self._begin_write(offset, length)
             if length:
-                self._writer.write_zeroes(offset, length, may_unmap)
+                self._writer.write_zeroes(offset, length, may_unmap, no_fallback)
 
     def discard(self, offset: int, length: int) -> None:
-        """Free the whole clusters in the range (partial clusters at the edges are left alone).
-        Afterwards they read as zeros (version 3) or from the backing file (version 2)."""
+        """Free the whole clusters in the range (partial clusters at the edges are left alone);
+        afterwards they read as zeros.  On a version 2 image with a backing file nothing is done
+        (without a zero flag the backing file would show through; QEMU does the same)."""
         with self._lock, self._signalling():
             self._begin_write(offset, length)
             if length:
                 self._writer.discard(offset, length)
 
-    def write_compressed(self, data, offset: int) -> int:
+    def write_compressed(self, data, offset: int, *, overwrite: bool = True) -> int:
         """Write whole clusters compressed (the image's compression type; zstd needs the
         ``zstandard`` package).  ``offset`` must be cluster aligned and the length a multiple of
-        the cluster size, or end at the end of the disk.  Compression runs in threads."""
+        the cluster size, or end at the end of the disk.  Compression runs in threads.
+
+        ``overwrite=False`` is QEMU's rule for compressed writes: every cluster of the range must
+        have no host cluster yet (unallocated, or zero without a preallocated cluster), else
+        ``RequestError`` and nothing is written."""
         view = memoryview(data).cast("B")
         cs = self.cluster_size
         if offset % cs or (len(view) % cs and offset + len(view) != self.size):
@@ -584,20 +595,31 @@ class Image(_Qcow2Reader):
                                f"length 0x{len(view):x}, cluster size 0x{cs:x}")
         with self._lock, self._signalling():
             self._begin_write(offset, len(view))
+            if not overwrite:
+                for seg in self._mapping.iter_segments(offset, len(view)):
+                    if seg.kind == COMPRESSED or seg.host >= 0:
+                        raise RequestError("Compressed writes need unallocated clusters: guest "
+                                           f"offset 0x{seg.guest_offset:x} is allocated")
             if len(view):
                 self._writer.write_compressed(view, offset)
         return len(view)
 
-    def resize(self, size: int, *, shrink: bool = False) -> None:
-        """Change the virtual size.  Growing may move the L1 table; shrinking needs
-        ``shrink=True`` and frees every cluster past the new end."""
+    def resize(self, size: int, *, shrink: bool = False, preallocation: str = "off") -> None:
+        """Change the virtual size.  Growing may move the L1 table; the new space reads as zeros
+        (a backing file does not show through), and ``preallocation`` (``"metadata"``,
+        ``"falloc"``, ``"full"``) maps it as ``create`` would.  Shrinking needs ``shrink=True``
+        and frees every cluster past the new end (snapshots keep theirs)."""
         if size < 0 or size % C.SECTOR_SIZE:
             raise RequestError(f"The new size must be a non-negative multiple of 512, not {size}")
         if size > C.INT64_MAX - (1 << 30):
             raise RequestError("Image size must be less than 8 EiB!")
+        if preallocation not in ("off", "metadata", "falloc", "full"):
+            raise RequestError(f"Invalid preallocation mode '{preallocation}'")
+        if preallocation != "off" and size < self.size:
+            raise RequestError("Preallocation can only be used for growing images")
         with self._lock, self._signalling():
             self._begin_write(0, 0)
-            self._writer.resize(size, shrink)
+            self._writer.resize(size, shrink, preallocation=preallocation)
 
     def flush(self) -> None:
         """Write every cached metadata change back in crash-safe order, then fsync the files."""

@@ -13,7 +13,10 @@ Output goes where qemu-io 7.2 puts it: results, pattern failures, ``read failed:
 lines and parse errors on stdout; option errors and argument-count errors on stderr.  Timing lines
 (``64 KiB, 1 ops; 00.00 sec (...)``) use qemu-io's units (:func:`qcow2.units.format_io_size`).
 
-Adding a command (write, discard, flush, ...): write ``def _cmd_x(session, args) -> bool`` and
+Write commands (``write``, ``discard``) map our errors to the errno text qemu-io prints
+(``write failed: Input/output error``); the detail of our error goes to stderr.
+
+Adding a command: write ``def _cmd_x(session, args) -> bool`` and
 register a :class:`Command` in :data:`COMMANDS`; helpers :func:`getopt`, :func:`parse_count`,
 :meth:`Session.report` are there for it.  ``Command.writes`` tells the CLI to open read-write.
 """
@@ -26,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
-from .errors import Qcow2Error
+from .errors import Qcow2Error, ReadOnlyError, RequestError, UnsupportedError
 from .units import SizeError, format_io_size, format_io_time, parse_size
 
 __all__ = ["Session", "Command", "COMMANDS", "getopt", "GetoptError", "parse_count",
@@ -298,9 +301,175 @@ def _cmd_read(session: Session, args: list[str]) -> bool:
     return ok
 
 
+def _failure(session: Session, op: str, e: Exception) -> bool:
+    """qemu-io's ``<op> failed: <errno text>`` on stdout; our detail goes to stderr."""
+    if isinstance(e, ReadOnlyError):
+        session.err.write("qcow2-tool: Block node is read-only\n")
+        return False
+    if isinstance(e, UnsupportedError):
+        reason = "Operation not supported"
+    elif isinstance(e, _InvalidArgument):
+        reason = "Invalid argument"
+    else:
+        reason = "Input/output error"
+        session.err.write(f"{e}\n")
+    session.out.write(f"{op} failed: {reason}\n")
+    return False
+
+
+class _InvalidArgument(RequestError):
+    """A request the block layer refuses with EINVAL (a compressed write not cluster aligned)."""
+
+
+def _write_buffer(session: Session, count: int, pattern: int, source: str | None):
+    """The bytes ``write`` writes: the pattern byte, or the pattern file repeated (None and a
+    message on stderr when the file cannot be read or is empty)."""
+    if source is None:
+        return bytes([pattern]) * count
+    try:
+        with open(source, "rb") as f:      # the pattern file is only read
+            chunk = f.read(count)
+    except OSError as e:
+        session.err.write(f"{source}: {e.strerror}\n")
+        return None
+    if not chunk:
+        session.err.write(f"{source}: file is empty\n")
+        return None
+    return (chunk * (count // len(chunk) + 1))[:count]
+
+
+def _cmd_write(session: Session, args: list[str]) -> bool:
+    out = session.out
+    try:
+        opts, operands = getopt(args, "bcCfnpP:qs:uz", "write")
+    except GetoptError as e:
+        session.err.write(f"{e}\n")
+        return session.usage("write")
+    flags = {opt for opt, _ in opts}
+    pattern = 0xCD
+    source = None
+    for opt, arg in opts:
+        if opt == "P":
+            value = _parse_pattern(arg, out)
+            if value is None:
+                return False
+            pattern = value
+        elif opt == "s":
+            source = arg
+    zero = "z" in flags
+    if zero + ("P" in flags) + ("s" in flags) > 1:
+        out.write("Only one of -z, -P, and -s can be specified at the same time\n")
+        return False
+    if "b" in flags and zero:
+        out.write("-b and -z cannot be specified at the same time\n")
+        return False
+    for flag in "nu":
+        if flag in flags and not zero:
+            out.write(f"-{flag} requires -z to be specified\n")
+            return False
+    if len(operands) != 2:
+        return session.usage("write")
+    offset = parse_count(operands[0], out)
+    if offset is None:
+        return False
+    count = parse_count(operands[1], out)
+    if count is None:
+        return False
+    if count > REQUEST_MAX_BYTES and "n" not in flags:
+        out.write(f"length cannot exceed {REQUEST_MAX_BYTES} without -n, given {operands[1]}\n")
+        return False
+    if ("b" in flags or "c" in flags) and not zero:
+        for name, value in (("offset", offset), ("count", count)):
+            if value % 512:
+                out.write(f"{value} is not a sector-aligned value for '{name}'\n")
+                return False
+    buf = b"" if zero else _write_buffer(session, count, pattern, source)
+    if buf is None:
+        return False
+    img = session.image
+    start = session.clock()
+    try:
+        if "b" in flags:
+            raise UnsupportedError("writing the VM state is not supported")
+        if _check_request(session, offset, count) is not None:
+            raise RequestError(f"write of {count} bytes at offset {offset} is outside the image")
+        if zero:
+            img.write_zeroes(offset, count, may_unmap="u" in flags, no_fallback="n" in flags)
+        elif "c" in flags:
+            _write_compressed(img, buf, offset)
+        else:
+            img.pwrite(buf, offset)
+        if "f" in flags:
+            img.flush()
+    except Qcow2Error as e:
+        return _failure(session, "write", e)
+    elapsed = session.clock() - start
+    if "q" not in flags:
+        session.report("wrote", elapsed, offset, count, count, 1, "C" in flags)
+    return True
+
+
+def _write_compressed(img, buf: bytes, offset: int) -> None:
+    """``write -c``: whole clusters (or up to the end of the disk) into unallocated clusters only,
+    as QEMU's compressed writes (EINVAL when misaligned, EIO over allocated clusters)."""
+    if not buf:
+        return
+    cs = img.cluster_size
+    if offset % cs or (len(buf) % cs and offset + len(buf) != img.size):
+        raise _InvalidArgument(f"compressed write not cluster aligned: offset {offset}, "
+                               f"length {len(buf)}")
+    img.write_compressed(buf, offset, overwrite=False)
+
+
+def _cmd_discard(session: Session, args: list[str]) -> bool:
+    out = session.out
+    try:
+        opts, operands = getopt(args, "Cq", "discard")
+    except GetoptError as e:
+        session.err.write(f"{e}\n")
+        return session.usage("discard")
+    flags = {opt for opt, _ in opts}
+    if len(operands) != 2:
+        return session.usage("discard")
+    offset = parse_count(operands[0], out)
+    if offset is None:
+        return False
+    count = parse_count(operands[1], out)
+    if count is None:
+        return False
+    if count > REQUEST_MAX_BYTES:
+        out.write(f"length cannot exceed {REQUEST_MAX_BYTES}, given {operands[1]}\n")
+        return False
+    start = session.clock()
+    try:
+        if _check_request(session, offset, count) is not None:
+            raise RequestError(f"discard of {count} bytes at offset {offset} is outside the image")
+        session.image.discard(offset, count)
+    except Qcow2Error as e:
+        return _failure(session, "discard", e)
+    elapsed = session.clock() - start
+    if "q" not in flags:
+        session.report("discard", elapsed, offset, count, count, 1, "C" in flags)
+    return True
+
+
+def _cmd_flush(session: Session, args: list[str]) -> bool:
+    try:
+        session.image.flush()
+    except Qcow2Error as e:
+        return _failure(session, "flush", e)
+    return True
+
+
 COMMANDS: list[Command] = [
     Command("read", _cmd_read, 2, -1, "[-abCqv] [-P pattern [-s off] [-l len]] off len",
             "reads a number of bytes at a specified offset", altname="r"),
+    Command("write", _cmd_write, 2, -1, "[-bcCfnquz] [-P pattern | -s source_file] off len",
+            "writes a number of bytes at a specified offset", altname="w", writes=True),
+    Command("discard", _cmd_discard, 2, -1, "[-Cq] off len",
+            "discards a number of bytes at a specified offset", altname="d", writes=True),
+    Command("flush", _cmd_flush, 0, 0, "", "flush all in-core file state to disk"),
+    Command("aio_flush", _cmd_flush, 0, 0, "", "completes all outstanding aio requests"),
 ]
 
 

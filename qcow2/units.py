@@ -42,12 +42,13 @@ class SizeError(RequestError):
         super().__init__(f"{what} -- {text}")
 
 
-def parse_size(text: str, default_suffix: str = "B") -> int:
+def parse_size(text: str, default_suffix: str = "B", limit: int = INT64_MAX) -> int:
     """Parse a qemu size (``4M`` = 4 MiB, ``1.5k`` = 1536, ``0x1000``, ``512``) into bytes.
 
     ``default_suffix`` applies when the text has none.  Raises :class:`SizeError` (a
     ``RequestError``/``ValueError``) for anything qemu would refuse; ``err.too_large`` is set for
-    values above 2^63 - 1.  A fraction is rounded to the nearest byte.
+    values above ``limit`` (2^63 - 1, or 2^64 - 1 where qemu parses an unsigned size).  A
+    fraction is rounded to the nearest byte.
     """
     m = _NUMBER.match(text)
     if m is None:
@@ -66,7 +67,7 @@ def parse_size(text: str, default_suffix: str = "B") -> int:
             if part and multiplier == 1:   # fractional bytes
                 raise SizeError(text)
             value += int(part * multiplier + Fraction(1, 2))
-    if value > INT64_MAX:
+    if value > limit:
         raise SizeError(text, too_large=True)
     return value
 

@@ -352,10 +352,16 @@ class Writer:
             partial.append((b, end - b))
         return partial, (a, b)
 
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool,
+                     no_fallback: bool = False) -> None:
         """Zero the range: zero flags (v3) or deallocation (v2 where nothing shows through) for
-        whole clusters or subclusters, written zeros for partial ones."""
-        if self.img.header.data_file_raw:
+        whole clusters or subclusters, written zeros for partial ones.  With ``no_fallback``
+        nothing is written as data: a partial unit whose other bytes read as zeros is zeroed
+        whole (as QEMU widens such a request), anything else raises ``UnsupportedError`` before
+        a change is made."""
+        if no_fallback:
+            offset, length = self._widen_without_fallback(offset, length)
+        elif self.img.header.data_file_raw:
             self._write_zero_bytes(offset, length)
             return
         unit = 1 << self.subcluster_bits
@@ -366,6 +372,24 @@ class Writer:
         if a < b:
             self._zero_whole(a, min(b, -(-self.img.size // unit) * unit), may_unmap)
         self._maybe_flush()
+
+    def _widen_without_fallback(self, offset: int, length: int) -> tuple[int, int]:
+        """The range widened to whole units for ``write_zeroes(no_fallback=True)``, or
+        ``UnsupportedError`` when zeroing it would need data writes."""
+        img = self.img
+        unit = 1 << self.subcluster_bits
+        disk_end = -(-img.size // unit) * unit
+        start = offset // unit * unit
+        stop = min(disk_end, -(-(offset + length) // unit) * unit)
+        refuse = img.header.data_file_raw or not (
+            _is_zero(self._current(start, offset - start))
+            and _is_zero(self._current(offset + length, stop - offset - length)))
+        if img.header.version < 3:      # no zero flag: only deallocation, if nothing is below
+            refuse = refuse or self._backing_covers(start)
+        if refuse:
+            raise UnsupportedError(f"Zeroing 0x{length:x} bytes at 0x{offset:x} without "
+                                   "writing data is not possible here")
+        return start, min(stop, img.size) - start
 
     def _write_zero_bytes(self, offset: int, length: int) -> None:
         for pos in range(offset, offset + length, len(_ZERO_CHUNK)):
@@ -442,9 +466,16 @@ class Writer:
 
     def discard(self, offset: int, length: int) -> None:
         """Drop whole clusters (partial ones at the edges are left alone).  Afterwards they read
-        as zeros on version 3; on version 2 they read from the backing file (or zeros)."""
+        as zeros.  Version 2 has no zero flag: with a backing file, whose data would show
+        through, the request is ignored (discard is only a hint; QEMU 7.2 ignores it too)."""
         if self.img.header.data_file_raw:
-            self.write_zeroes(offset, length, False)
+            # the raw data file must read as the guest disk: zero it, but only the whole clusters
+            # a discard drops - the partial edges keep their data, as in QEMU 7.2
+            _, (a, b) = self._units(offset, length, self.cluster_size, True)
+            if a < b:
+                self.write_zeroes(a, min(b, self.img.size) - a, False)
+            return
+        if self.img.header.version < 3 and self.img.backing is not None:
             return
         bits, e = self.cluster_bits, self.l2_entries
         _, (a, b) = self._units(offset, length, self.cluster_size, True)
@@ -530,10 +561,12 @@ class Writer:
         self._compressed_next = 0
 
     # -- resize --------------------------------------------------------------------------------
-    def resize(self, new_size: int, shrink: bool, hide_backing: bool = True) -> None:
+    def resize(self, new_size: int, shrink: bool, hide_backing: bool = True,
+               preallocation: str = "off") -> None:
         """Grow (L1 table grown and moved if needed) or shrink (clusters past the end freed).
         Grown space reads as zeros, also where a backing file could show through, unless
-        ``hide_backing`` is False (a new image)."""
+        ``hide_backing`` is False (a new image).  ``preallocation`` (``metadata``, ``falloc``,
+        ``full``) maps the clusters wholly in the grown space, as :meth:`preallocate` does."""
         img = self.img
         old_size = img.size
         bits, e = self.cluster_bits, self.l2_entries
@@ -554,6 +587,8 @@ class Writer:
             zero_end = max(zero_end, min(new_size, img.backing.size))
         if old_size < zero_end:
             self.write_zeroes(old_size, zero_end - old_size, False)
+        if preallocation != "off" and new_size > old_size:
+            self.preallocate(preallocation, -(-old_size // self.cluster_size))
 
     def _shrink(self, new_size: int, old_size: int, need_l1: int) -> None:
         img = self.img
@@ -603,9 +638,8 @@ class Writer:
         new_entries = max(need, len(img.l1_table) * 3 // 2)
         if new_entries * 8 > C.QCOW_MAX_L1_SIZE:
             new_entries = need
-        if need * 8 > C.QCOW_MAX_L1_SIZE:
-            raise RequestError(f"The new size needs {need} L1 entries, more than the "
-                               f"{C.QCOW_MAX_L1_SIZE // 8} QEMU allows")
+        if need * 8 > C.QCOW_MAX_L1_SIZE:   # QEMU's EFBIG, in its words
+            raise RequestError("Failed to grow the L1 table: File too large")
         self.flush_metadata()
         nb_clusters = -(-new_entries * 8 // cs)
         new_offset = self.refcounts.alloc(nb_clusters, "L1 table")
@@ -628,21 +662,26 @@ class Writer:
 
 
     # -- preallocation ---------------------------------------------------------------------------
-    def preallocate(self, mode: str) -> None:
-        """Map every guest cluster (``metadata``), and reserve (``falloc``) or zero-fill
-        (``full``) its host space; one L2 table at a time, entries set by slice assignment.
-        Data clusters in an external data file map to the same offset there."""
+    def preallocate(self, mode: str, first_cluster: int = 0) -> None:
+        """Map every guest cluster from ``first_cluster`` to the end (``metadata``), and reserve
+        (``falloc``) or zero-fill (``full``) its host space; one L2 table at a time, entries set
+        by slice assignment (what they mapped before is released).  Data clusters in an external
+        data file map to the same offset there."""
         img = self.img
         bits, e, cs = self.cluster_bits, self.l2_entries, self.cluster_size
         nb_clusters = -(-img.size // cs)
         width = 2 if self.extended else 1
-        for l1_index in range(-(-nb_clusters // e)):
-            first = l1_index * e
-            n = min(nb_clusters, first + e) - first
+        for l1_index in range(first_cluster // e, -(-nb_clusters // e)):
+            first = max(first_cluster, l1_index * e)
+            n = min(nb_clusters, (l1_index + 1) * e) - first
             l2_offset, table = self._l2_for_write(l1_index)
+            slots = slice(width * (first % e), width * (first % e + n), width)
+            old = table[slots]
             host = self._new_host(first, n)
-            table[0:width * n:width] = array.array("Q", range(host | _COPIED,
-                                                              (host | _COPIED) + n * cs, cs))
+            table[slots] = array.array("Q", range(host | _COPIED, (host | _COPIED) + n * cs, cs))
+            for entry in old:
+                if entry & (_MASK | _COMPRESSED):
+                    self._release(entry)
             self.l2_cache.mark_dirty(l2_offset, table)
             end = min(host + n * cs, img.size) if self.has_data_file else host + n * cs
             if mode == "metadata" and end > self.data.size:
