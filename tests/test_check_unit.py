@@ -80,6 +80,18 @@ def test_metadata_overlapping_metadata_is_named(tmp_path):
                for line in result.overlaps), result.overlaps
 
 
+def test_tables_shared_with_snapshots_are_not_overlaps(tmp_path):
+    """After ``qemu-img snapshot -c`` the active L1 and the snapshot's share their L2 tables and
+    data clusters: that is sharing (refcount 2), not metadata on metadata."""
+    path = _image(tmp_path, writes=("write -P 1 0 256k", "write -c -P 2 1M 64k"))
+    qemu_img("snapshot", "-c", "s1", str(path))
+    qemu_io(str(path), "write -P 3 2M 64k")
+    code, out, err = _run(["check", str(path)])
+    assert code == 0 and "OVERLAP" not in err, err
+    with qcow2.open(str(path)) as img:
+        assert img.check().overlaps == []
+
+
 def test_overlap_mem_limit_events_and_summary(tmp_path):
     path = _image(tmp_path, size="8M", options="cluster_size=512",
                   writes=("write -P 1 0 1M", "write -P 2 4M 1M"))
