@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable
 from . import constants as C
 from .bitmap import BME_TABLE_ENTRY_OFFSET_MASK
 from .errors import OverlapError, Qcow2Error
-from .events import overlap_limit_event
+from .guard import LimitReporter
 from .metadata import iter_metadata
 from .overlap import RangeMap
 from .overlap_types import (OL_ACTIVE_L1, OL_ACTIVE_L2, OL_INACTIVE_L2, OL_REFCOUNT_BLOCK,
@@ -177,7 +177,7 @@ class _Checker:
         self.file_size = self.file.size
         self.nb_file_clusters = -(-self.file_size // self.cs)
         self.map = overlap_map
-        self.overlaps: list[str] = []
+        self.overlaps: dict[str, None] = {}   # findings, once each (tables may be shared)
         self._low_checks = self._low_byte_checks()
         self.refcounts = RefcountReader(img._file, h)   # what is on disk now
         self._repaired: dict[int, array.array] = {}     # refcount blocks changed by a repair
@@ -413,8 +413,8 @@ class _Checker:
             return
         hit = self.map.check(start, end - start)
         if hit:
-            self.overlaps.append(f"OVERLAP data clusters 0x{start:x}-0x{end:x} overlap "
-                                 f"{type_name(hit)}")
+            self.overlaps[f"OVERLAP data clusters 0x{start:x}-0x{end:x} overlap "
+                          f"{type_name(hit)}"] = None
 
     def count_bitmaps(self, res: CheckResult, counter: _Counter) -> None:
         ext = self.img.header.bitmaps
@@ -735,8 +735,8 @@ class _Checker:
         for offset, length, type_bit in iter_metadata(self.img, self.types):
             hit = self.map.check(offset, length, type_bit | _SHARED_WITH.get(type_bit, 0))
             if hit:
-                self.overlaps.append(f"OVERLAP {type_name(type_bit)} at 0x{offset:x} "
-                                     f"(0x{length:x} bytes) overlaps {type_name(hit)}")
+                self.overlaps[f"OVERLAP {type_name(type_bit)} at 0x{offset:x} "
+                              f"(0x{length:x} bytes) overlaps {type_name(hit)}"] = None
             self.map.add(offset, length, type_bit)
 
 
@@ -750,14 +750,15 @@ _FIX = {None: 0, "leaks": REPAIR_LEAKS, "all": REPAIR_LEAKS | REPAIR_ERRORS}
 
 
 def _check_once(img: "Image", fix: int, say, overlap_map: RangeMap | None, filename: str,
-                types: int = 0) -> CheckResult:
+                types: int = 0, limits: LimitReporter | None = None) -> CheckResult:
     """qemu-img 7.2's check of refcounts and COPIED flags, with its repair order."""
     res = CheckResult(filename=filename)
     res.total_clusters = -(-img.size // img.cluster_size)
     checker = _Checker(img, fix, say, overlap_map)
     if overlap_map is not None and types:
         checker.types = types
-        checker.enter_metadata()
+        with limits.batch(overlap_map):      # one event per merged range, not per table
+            checker.enter_metadata()
     counter, rebuild = checker.calculate(res)
     pre = _copy(res)
     highest, need = checker.compare(res, counter, 0)
@@ -795,7 +796,7 @@ def _check_once(img: "Image", fix: int, say, overlap_map: RangeMap | None, filen
     checker.check_copied(res, fix)
     checker.write_repairs()
     res.image_end_offset = (highest + 1) * img.cluster_size
-    res.overlaps = checker.overlaps
+    res.overlaps = list(checker.overlaps)
     return res
 
 
@@ -844,13 +845,13 @@ def check_image(img: "Image", repair: str | None = None, *, overlap_mem: int | N
     budget = DEFAULT_OVERLAP_MEM if overlap_mem is None else overlap_mem
     emitter = events if events is not None else img.events
     types = parse_overlap_check(overlap_types)
-    overlap_map = RangeMap(img.cluster_size, budget,
-                           lambda start, length: emitter.emit(overlap_limit_event(ref, start,
-                                                                                  length)))
+    limits = LimitReporter(ref, emitter)
+    overlap_map = RangeMap(img.cluster_size, budget, limits)
     with img._lock:
         img.flush_metadata()
         try:
-            res = _check_once(img, fix, emit, overlap_map if types else None, name, types)
+            res = _check_once(img, fix, emit, overlap_map if types else None, name, types,
+                              limits)
             if fix and (res.corruptions_fixed or res.leaks_fixed) and res.failed is None:
                 img.reload_metadata()
                 again = _check_once(img, 0, emit, None, name)

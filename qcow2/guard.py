@@ -12,14 +12,18 @@ an image), at open and on :meth:`rebuild`; the writer keeps it current with :met
 
 When the map's memory budget refuses to store a range, the map calls back once for that newly
 unprotected range and the guard emits ``QCOW2_OVERLAP_CHECK_MEMORY_LIMIT_REACHED``; writes there are
-no longer checked (never refused by mistake).  Raising :attr:`budget` and calling :meth:`rebuild`
+no longer checked (never refused by mistake).  A bulk fill (:meth:`rebuild`, the check's map) would
+report every refused table on its own - thousands of events for one lack of memory - so a
+:class:`LimitReporter` batches them: the events of a bulk fill are the merged unprotected ranges
+that are new at its end (at most the map's 16).  Raising :attr:`budget` and calling :meth:`rebuild`
 brings protection back.  All methods are thread-safe (one lock around the map).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from .errors import OverlapError
 from .events import EventEmitter, overlap_limit_event
@@ -28,6 +32,33 @@ from .overlap_types import OL_MASK_LIMIT, OverlapCheck, parse_overlap_check, typ
 
 Source = Callable[[int], Iterable[tuple[int, int, int]]]
 CorruptionHandler = Callable[[str, int, int], None]
+
+
+class LimitReporter:
+    """The range map's ``on_limit`` callback: one memory-limit event per newly unprotected range,
+    or, inside :meth:`batch`, one per merged unprotected range that is new when the batch ends."""
+
+    def __init__(self, reference: str, events: EventEmitter):
+        self.reference = reference
+        self.events = events
+        self._batching = False
+
+    def __call__(self, start: int, length: int) -> None:
+        if not self._batching:
+            self.events.emit(overlap_limit_event(self.reference, start, length))
+
+    @contextlib.contextmanager
+    def batch(self, range_map) -> Iterator[None]:
+        """Hold the events of a bulk fill of ``range_map``; emit the merged new ranges after it."""
+        before = set(range_map.unprotected())
+        self._batching = True
+        try:
+            yield
+        finally:
+            self._batching = False
+        for start, length in range_map.unprotected():
+            if (start, length) not in before:
+                self.events.emit(overlap_limit_event(self.reference, start, length))
 
 
 class OverlapGuard:
@@ -48,10 +79,8 @@ class OverlapGuard:
         self._events = events if events is not None else EventEmitter()
         self._on_corruption = on_corruption
         self._lock = threading.RLock()
-        self._map = RangeMap(cluster_size, budget, self._on_limit)
-
-    def _on_limit(self, start: int, length: int) -> None:
-        self._events.emit(overlap_limit_event(self.reference, start, length))
+        self._limits = LimitReporter(reference, self._events)
+        self._map = RangeMap(cluster_size, budget, self._limits)
 
     # -- keeping the map current ------------------------------------------------------------------
     def enter(self, host_offset: int, length: int, types: int) -> None:
@@ -73,8 +102,9 @@ class OverlapGuard:
         with self._lock:
             self._map.clear()
             if self._source is not None and self.types:
-                for host_offset, length, type_bit in self._source(self.types):
-                    self.enter(host_offset, length, type_bit)
+                with self._limits.batch(self._map):
+                    for host_offset, length, type_bit in self._source(self.types):
+                        self.enter(host_offset, length, type_bit)
 
     # -- checking -----------------------------------------------------------------------------
     def overlaps(self, host_offset: int, length: int, ign: int = 0) -> int:

@@ -105,6 +105,11 @@ def test_overlap_mem_limit_events_and_summary(tmp_path):
         assert set(ev["data"]) == {"reference", "start", "length"}
         assert ev["data"]["reference"] == "img.qcow2"
     assert "Not overlap-checked (overlap map memory limit): 0x" in out
+    # one event per merged unprotected range (not one per refused table), as the summary names
+    summary = out.split("Not overlap-checked (overlap map memory limit): ")[1].strip()
+    spans = [(e["data"]["start"], e["data"]["start"] + e["data"]["length"]) for e in events]
+    assert summary == ", ".join(f"0x{a:x}-0x{b:x}" for a, b in spans)
+    assert len(events) <= 16
     # the JSON output keeps exactly qemu-img's keys
     code, out, err = _run(["check", "--overlap-mem", "400", "--output=json", str(path)])
     assert json.loads(out) == json.loads(plain[1])

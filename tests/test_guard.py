@@ -152,6 +152,7 @@ def test_memory_limit_event_once_per_range(rich_image):
             assert set(qmp["timestamp"]) == {"seconds", "microseconds"}
             json.loads(event.to_json())
         covered = guard.unprotected()
+        assert sorted(ranges) == covered      # the bulk fill reports the merged ranges, once
         for offset, length, _ in iter_metadata(img, T.OL_ALL):
             assert any(s <= offset and offset + length <= s + n for s, n in covered)
         # nothing is refused by mistake while unprotected
