@@ -106,3 +106,21 @@ def test_writes_over_snapshots_copy_shared_tables_and_clusters(tmp_path):
     snap_raw = tmp_path / "snap.raw"
     qemu_img("convert", "-l", "s1", "-O", "raw", str(path), str(snap_raw))
     assert snap_raw.read_bytes() == snap
+
+
+def test_discard_with_raw_data_file_keeps_partial_clusters(tmp_path):
+    """With a raw external data file a discard zeroes the whole clusters it covers (the data file
+    must read as the disk) but, as any discard, leaves the partial clusters at its edges alone:
+    QEMU 7.2 keeps those bytes.  (Found with qemu-io while building tests/test_writer_model.py.)"""
+    cs = 4096
+    path = tmp_path / "raw-data.qcow2"
+    data_file = tmp_path / "data.raw"
+    model = bytearray(b"\x11" * 65536) + bytes((1 << 20) - 65536)
+    with qcow2.create(str(path), 1 << 20, cluster_size=cs, data_file=str(data_file),
+                      data_file_raw=True) as img:
+        img.pwrite(b"\x11" * 65536, 0)
+        img.discard(1000, 20000)               # whole clusters 1..4; bytes 1000.. and ..21000 stay
+        model[cs:5 * cs] = bytes(4 * cs)
+        assert img.pread(65536, 0) == model[:65536]
+    _assert_like_model(path, bytes(model), tmp_path)
+    assert data_file.read_bytes()[:65536] == model[:65536]
