@@ -455,7 +455,14 @@ class _Checker:
                 self.say(f"{'Repairing' if repair else 'ERROR'} refcount block {i} is outside "
                          "image")
                 if repair:       # grow the file so that the (zero) block exists
-                    self.file.truncate(offset + self.cs)
+                    try:
+                        self.file.truncate(offset + self.cs)
+                    except Qcow2Error as e:      # e.g. past the file system's largest file
+                        self.say(f"qcow2-tool: {e}")
+                        self.say("ERROR could not resize image: "
+                                 f"{str(e).rsplit(': ', 1)[-1]}")
+                        rebuild = True
+                        continue
                     self.file_size = self.file.size
                     self.nb_file_clusters = -(-self.file_size // self.cs)
                     counter.grow(self.nb_file_clusters + 1)

@@ -215,13 +215,34 @@ def _check_request(session: Session, offset: int, count: int) -> str | None:
     return None
 
 
-def _cmd_read(session: Session, args: list[str]) -> bool:
-    out = session.out
+def _options(session: Session, args: list[str], optstring: str, name: str):
+    """``getopt`` for command ``name``: ``(opts, operands)``, or None after an option error
+    (glibc's message on stderr, the usage line on stdout, as qemu-io)."""
     try:
-        opts, operands = getopt(args, "bCl:pP:qs:v", "read")
+        return getopt(args, optstring, name)
     except GetoptError as e:
         session.err.write(f"{e}\n")
-        return session.usage("read")
+        session.usage(name)
+        return None
+
+
+def _offset_and_count(out: TextIO, operands: list[str]) -> tuple[int, int] | None:
+    """The ``off len`` operands as sizes, or None after qemu-io's parse error."""
+    offset = parse_count(operands[0], out)
+    if offset is None:
+        return None
+    count = parse_count(operands[1], out)
+    if count is None:
+        return None
+    return offset, count
+
+
+def _cmd_read(session: Session, args: list[str]) -> bool:
+    out = session.out
+    parsed = _options(session, args, "bCl:pP:qs:v", "read")
+    if parsed is None:
+        return False
+    opts, operands = parsed
     machine = quiet = verbose = vmstate = False
     pattern = None
     pattern_offset = 0
@@ -255,12 +276,10 @@ def _cmd_read(session: Session, args: list[str]) -> bool:
         return session.usage("read")
     if pattern is None and (lflag or sflag):
         return session.usage("read")
-    offset = parse_count(operands[0], out)
-    if offset is None:
+    numbers = _offset_and_count(out, operands)
+    if numbers is None:
         return False
-    count = parse_count(operands[1], out)
-    if count is None:
-        return False
+    offset, count = numbers
     if count > REQUEST_MAX_BYTES:
         out.write(f"length cannot exceed {REQUEST_MAX_BYTES}, given {operands[1]}\n")
         return False
@@ -340,11 +359,10 @@ def _write_buffer(session: Session, count: int, pattern: int, source: str | None
 
 def _cmd_write(session: Session, args: list[str]) -> bool:
     out = session.out
-    try:
-        opts, operands = getopt(args, "bcCfnpP:qs:uz", "write")
-    except GetoptError as e:
-        session.err.write(f"{e}\n")
-        return session.usage("write")
+    parsed = _options(session, args, "bcCfnpP:qs:uz", "write")
+    if parsed is None:
+        return False
+    opts, operands = parsed
     flags = {opt for opt, _ in opts}
     pattern = 0xCD
     source = None
@@ -369,12 +387,10 @@ def _cmd_write(session: Session, args: list[str]) -> bool:
             return False
     if len(operands) != 2:
         return session.usage("write")
-    offset = parse_count(operands[0], out)
-    if offset is None:
+    numbers = _offset_and_count(out, operands)
+    if numbers is None:
         return False
-    count = parse_count(operands[1], out)
-    if count is None:
-        return False
+    offset, count = numbers
     if count > REQUEST_MAX_BYTES and "n" not in flags:
         out.write(f"length cannot exceed {REQUEST_MAX_BYTES} without -n, given {operands[1]}\n")
         return False
@@ -423,20 +439,17 @@ def _write_compressed(img, buf: bytes, offset: int) -> None:
 
 def _cmd_discard(session: Session, args: list[str]) -> bool:
     out = session.out
-    try:
-        opts, operands = getopt(args, "Cq", "discard")
-    except GetoptError as e:
-        session.err.write(f"{e}\n")
-        return session.usage("discard")
+    parsed = _options(session, args, "Cq", "discard")
+    if parsed is None:
+        return False
+    opts, operands = parsed
     flags = {opt for opt, _ in opts}
     if len(operands) != 2:
         return session.usage("discard")
-    offset = parse_count(operands[0], out)
-    if offset is None:
+    numbers = _offset_and_count(out, operands)
+    if numbers is None:
         return False
-    count = parse_count(operands[1], out)
-    if count is None:
-        return False
+    offset, count = numbers
     if count > REQUEST_MAX_BYTES:
         out.write(f"length cannot exceed {REQUEST_MAX_BYTES}, given {operands[1]}\n")
         return False

@@ -181,7 +181,10 @@ class Storage:
         """Set the host file length (only growing or shrinking past the last metadata)."""
         if not self.writable:
             raise ReadOnlyError(f"'{self.path}' is opened read-only")
-        os.ftruncate(self.fd, length)
+        try:
+            os.ftruncate(self.fd, length)
+        except OSError as e:      # EFBIG past the file system's limit, ENOSPC, EIO ...
+            raise Qcow2Error(f"Could not resize file: {e.strerror or e}") from None
         self._size = length
 
     def flush(self) -> None:

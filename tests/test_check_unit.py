@@ -199,3 +199,34 @@ def test_repair_clears_the_corrupt_bit(tmp_path):
     assert code == 0
     with qcow2.open(str(copy), "r+") as img:      # consistent again: opens read-write
         assert not img.header.corrupt
+
+
+def _refblock_at_504_pib(path) -> None:
+    """512-byte clusters, 1-bit refcounts, a 3-cluster refcount table at 0x200 whose entry 64 -
+    the first bytes of refcount block 0 at 0x400 - points 504 PiB away (found by fuzzing)."""
+    image = bytearray(1536)
+    image[0:4] = b"QFI\xfb"
+    struct.pack_into(">I", image, 4, 3)
+    struct.pack_into(">I", image, 20, 9)
+    struct.pack_into(">Q", image, 48, 0x200)
+    struct.pack_into(">I", image, 56, 3)
+    struct.pack_into(">I", image, 100, 0x70)
+    struct.pack_into(">Q", image, 0x200, 0x400)
+    image[0x400] = 0x07
+    path.write_bytes(bytes(image))
+
+
+def test_repair_that_cannot_grow_the_file_fails_like_qemu(tmp_path):
+    """``-r all`` wants to grow the file up to a refcount block far past the end; the file system
+    refuses (EFBIG).  qemu-img reports it, goes on, and fails the rebuild; so do we - with the
+    same lines and exit status, without a traceback and without growing the file."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    _refblock_at_504_pib(ours)
+    _refblock_at_504_pib(theirs)
+    q = subprocess.run(["qemu-img", "check", "-r", "all", str(theirs)], capture_output=True,
+                       text=True)
+    code, out, err = _run(["check", "-r", "all", str(ours)])
+    assert (code, out) == (q.returncode, q.stdout) == (1, "")
+    assert err.replace("qcow2-tool:", "qemu-img:").replace(str(ours), str(theirs)) == q.stderr
+    assert "Could not resize file: File too large" in err
+    assert ours.stat().st_size == 1536
