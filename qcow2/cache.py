@@ -9,10 +9,11 @@ they are evicted.
 
 Crash order (DESIGN.md rule 5) is kept by *dependencies*: a cache may name a callable,
 ``before_writeback``, that is run before any of its dirty tables reaches the disk.  The image wires
-the L2 cache's ``before_writeback`` to "flush the refcount cache", so a new cluster's refcount is
-always on disk before an L2 entry that points to it.  The reverse order (a reference removed before
-its refcount drops) is kept by the refcount side itself: decrements are queued and applied only after
-the L2 tables and the L1 table were written (see :mod:`qcow2.refcount`).
+the L2 cache's ``before_writeback`` to "flush the refcount cache, then fsync", so a new cluster's
+refcount (and the data the table maps) is always on disk before an L2 entry that points to it.  The
+reverse order (a reference removed before its refcount drops) is kept by the refcount side itself:
+decrements are queued and applied only after the L2 tables and the L1 table were written, and an
+fsync (see :mod:`qcow2.refcount` and ``Writer.flush_metadata``).
 
 The cache does no I/O of its own: ``read(host_offset) -> table`` and ``write(host_offset, table)``
 are given by the owner (the write goes through :class:`~qcow2.storage.Storage`, i.e. the guard).

@@ -315,8 +315,35 @@ class Refcounts(RefcountReader):
         self._count_new(first, stop)
         if blocks:
             self._blocks.flush()      # the blocks (and what describes them) before the links
-            for r in sorted(blocks):
-                self._write_reftable_entry(r)
+            for level in self._link_levels(blocks):
+                self._file.flush()    # fsync: the OS may reorder writes between two fsyncs
+                for r in level:
+                    self._write_reftable_entry(r)
+
+    def _link_levels(self, blocks: dict[int, int]) -> list[list[int]]:
+        """The new blocks' reftable indexes in the order their links may reach the disk.
+
+        A new block may lie in the range of another new block (both made by one allocation):
+        linked first, it would be a referenced cluster whose refcount is in no linked block, and
+        a crash between the two links would leave a corruption (found by the crash-cut tests).
+        So a block comes after the block holding its refcount: level 0 holds blocks counted by
+        themselves or by an existing block, level n those counted by a block of level n-1."""
+        bits, e = self._cluster_bits, self._entries
+        depth: dict[int, int] = {}
+        for r in sorted(blocks):
+            chain = []
+            x = r
+            while x in blocks and x not in depth and x not in chain:
+                chain.append(x)
+                x = (blocks[x] >> bits) // e          # the block counting block x
+            d = depth[x] + 1 if x in depth else 0     # else: existing block, or x counts itself
+            for y in reversed(chain):
+                depth[y] = d
+                d += 1
+        levels: list[list[int]] = [[] for _ in range(max(depth.values()) + 1)]
+        for r in sorted(depth):
+            levels[depth[r]].append(r)
+        return levels
 
     def _grow_table(self, min_entries: int, blocks: dict[int, int], first: int, stop: int) -> None:
         """Move the refcount table to a larger one in a fresh area past every cluster in use.

@@ -9,7 +9,9 @@ cache, written back before any L2 table; decrements queued until after the L2 an
 The L1 table is kept in memory; changed entries are written after the L2 tables.  So the on-disk
 order of a flush is: refcount blocks (increments) -> L2 tables -> L1 entries -> refcount blocks
 (decrements).  Data always reaches the disk before the L2 entry that maps it, because data is written
-during the request and L2 tables only at a flush.  A crash can leak clusters, never corrupt.
+during the request and L2 tables only at a flush.  Each step is separated from the next by an fsync
+(:meth:`Writer._barrier`), since between two fsyncs the OS and the disk may reorder writes.  A crash
+(or power loss) can leak clusters, never corrupt.
 
 Writing a cluster in place needs an L2 entry with ``QCOW_OFLAG_COPIED`` (refcount exactly one).
 Anything else (unallocated, zero, compressed, shared with a snapshot) gets a new cluster: the parts
@@ -82,7 +84,7 @@ class Writer:
                                    write_header=image._update_header,
                                    signal_corruption=image._fail_corrupt)
         self.l2_cache = image._l2_cache
-        self.l2_cache.set_writeback(self.write_l2, self.refcounts.flush)
+        self.l2_cache.set_writeback(self.write_l2, self._before_l2_writeback)
         self.l1_dirty: set[int] = set()
         self._l2_checked: set[int] = set()   # L2 tables known not to lie on other metadata
         self._compressed_next = 0   # where the next compressed cluster may go (0: a new cluster)
@@ -92,12 +94,33 @@ class Writer:
         """Write one L2 table back (the L2 cache's writer)."""
         self.file.pwrite(encode_u64_table(table), host_offset, ign=OL_ACTIVE_L2)
 
-    def flush_metadata(self) -> None:
-        """Refcount increments, L2 tables, L1 entries, then queued decrements: the crash order."""
+    def _barrier(self) -> None:
+        """fsync: everything written so far reaches the disk before anything written later.
+
+        Between two fsyncs the OS and the disk may reorder writes (a power loss keeps any subset
+        of them), so program order alone does not give the crash order of DESIGN.md rule 5: each
+        of its steps is separated from the next by a barrier, as QEMU separates its caches with
+        flushes.  (Found by the power-loss cuts of tests/test_crash_safety.py.)"""
+        if self.data is not self.file:
+            self.data.flush()
+        self.file.flush()
+
+    def _before_l2_writeback(self) -> None:
+        """The L2 cache's dependency: the refcount increments of the clusters an L2 table may now
+        point to, and the guest data it maps (copy-on-write included), are durable first."""
         self.refcounts.flush()
-        self.l2_cache.flush()
-        self._write_l1_entries()
+        self._barrier()
+
+    def flush_metadata(self) -> None:
+        """Refcount increments and data, L2 tables, L1 entries, then queued decrements: the crash
+        order, each step made durable before the next is written."""
+        self.refcounts.flush()
+        self.l2_cache.flush()            # after its dependency, _before_l2_writeback
+        if self.l1_dirty:
+            self._barrier()              # the L2 tables before the L1 entries pointing to them
+            self._write_l1_entries()
         if self.refcounts.nb_pending:
+            self._barrier()              # the references dropped on disk before refcounts drop
             self.refcounts.apply_decrefs()
             self._compressed_next = 0    # its cluster may have been freed
             self.refcounts.flush()
