@@ -29,8 +29,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_read import _env, machine_info, parse_size, prepare, qemu_img, summarise  # noqa: E402
-from bench_write import measure, render_md, snapshot_image  # noqa: E402
+from bench_read import _env, machine_info, parse_size, prepare, qemu_img  # noqa: E402
+from bench_write import add_common_args, run_rounds, save_results, snapshot_image  # noqa: E402
 
 
 def small_cluster_image(workdir: str, raw: str, size: int) -> str:
@@ -55,10 +55,7 @@ def check_json(cmd: list[str], env) -> tuple[int, dict | None]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1G", help="size of the small-cluster image, default 1G")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--workdir", default=os.path.join(HERE, "work"))
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    ap.add_argument("--no-write", action="store_true", help="do not write results files")
+    add_common_args(ap)
     args = ap.parse_args(argv)
     size = parse_size(args.size)
     workdir = os.path.abspath(args.workdir)
@@ -94,21 +91,8 @@ def main(argv=None) -> int:
         print(f"  {k}: {'yes' if v else 'NO'}", file=sys.stderr)
         if not v:
             notes.append(f"OUTPUT MISMATCH: {k}")
-    samples = {k: [] for k in plan}
-    cpu = {k: [] for k in plan}
-    rss = {k: [] for k in plan}
-    order = list(plan)
-    for r in range(args.repeat):
-        rot = order[r % len(order):] + order[:r % len(order)]
-        for key in rot:
-            wall, cpu_s, rss_kib, _ = measure(plan[key], env)
-            samples[key].append(wall)
-            cpu[key].append(cpu_s)
-            rss[key].append(rss_kib)
-        print(f"round {r + 1}/{args.repeat}: " +
-              ", ".join(f"{k} {samples[k][-1]:.3f}s" for k in samples), file=sys.stderr)
-    summary = {k: dict(summarise(v, cpu[k]), peak_rss_kib=max(rss[k], key=lambda x: x or 0))
-               for k, v in samples.items()}
+    summary, _ = run_rounds({k: (lambda: None, argv) for k, argv in plan.items()}, args.repeat,
+                            env)
     ratios = {}
     for name in images:
         for suffix in ("", "-4M"):
@@ -131,11 +115,7 @@ def main(argv=None) -> int:
            "images": {k: os.path.basename(v) for k, v in images.items()}, "checks": checks,
            "summary": summary, "ratios": ratios, "notes": notes}
     if not args.no_write:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "check.json"), "w") as f:
-            json.dump(doc, f, indent=2)
-        with open(os.path.join(args.out, "check.md"), "w") as f:
-            f.write(render_md(doc, "Check benchmark (bench/bench_check.py)", __doc__))
+        save_results(doc, args.out, "check", "Check benchmark (bench/bench_check.py)", __doc__)
     return 0
 
 

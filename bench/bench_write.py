@@ -122,15 +122,56 @@ def copy_image(src: str, dst: str) -> None:
     shutil.copyfile(src, dst)
 
 
+def run_rounds(plan: dict, repeat: int, env, after=None) -> tuple[dict, dict]:
+    """Run every ``plan`` entry (key -> (untimed setup, argv)) ``repeat`` times, interleaved with
+    the order rotated each round; ``after(key)`` runs untimed after each run.  Returns the
+    summaries (with the peak RSS) and each key's stdouts."""
+    samples = {k: [] for k in plan}
+    cpu = {k: [] for k in plan}
+    rss = {k: [] for k in plan}
+    stdouts = {k: [] for k in plan}
+    order = list(plan)
+    for r in range(repeat):
+        for key in order[r % len(order):] + order[:r % len(order)]:
+            setup, argv = plan[key]
+            setup()
+            os.sync()          # untimed: nobody starts behind another run's dirty pages
+            wall, cpu_s, rss_kib, stdout = measure(argv, env)
+            samples[key].append(wall)
+            cpu[key].append(cpu_s)
+            rss[key].append(rss_kib)
+            stdouts[key].append(stdout)
+            if after is not None:
+                after(key)
+        print(f"round {r + 1}/{repeat}: " +
+              ", ".join(f"{k} {samples[k][-1]:.3f}s" for k in samples), file=sys.stderr)
+    summary = {k: dict(summarise(v, cpu[k]), peak_rss_kib=max(rss[k], key=lambda x: x or 0))
+               for k, v in samples.items()}
+    return summary, stdouts
+
+
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
+    ap.add_argument("--workdir", default=os.path.join(HERE, "work"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--no-write", action="store_true", help="do not write results files")
+
+
+def save_results(doc: dict, out_dir: str, name: str, title: str, docstring: str) -> None:
+    """``<out_dir>/<name>.json`` (everything) and ``<name>.md`` (the report)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(doc, f, indent=2)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(render_md(doc, title, docstring))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1G", help="raw source / image size, default 1G")
     ap.add_argument("--writes", type=int, default=262144, help="sequential 4 KiB writes")
     ap.add_argument("--snap-writes", type=int, default=20000, help="writes over the snapshots")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--workdir", default=os.path.join(HERE, "work"))
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    ap.add_argument("--no-write", action="store_true", help="do not write results files")
+    add_common_args(ap)
     args = ap.parse_args(argv)
     size = parse_size(args.size)
     workdir = os.path.abspath(args.workdir)
@@ -196,33 +237,16 @@ def main(argv=None) -> int:
         if not v:
             notes.append(f"OUTPUT PROBLEM: {k}")
 
-    samples = {k: [] for k in plan}
-    cpu = {k: [] for k in plan}
-    rss = {k: [] for k in plan}
-    inproc = {k: [] for k in plan if k.startswith("ours-") and k != "ours-convert"}
-    order = list(plan)
-    for r in range(args.repeat):
-        rot = order[r % len(order):] + order[:r % len(order)]
-        for key in rot:
-            setup, command = plan[key]
-            setup()
-            os.sync()
-            wall, cpu_s, rss_kib, stdout = measure(command(), env)
-            samples[key].append(wall)
-            cpu[key].append(cpu_s)
-            rss[key].append(rss_kib)
-            if key in inproc:
-                loop_s, close_s = map(float, stdout.split())
-                inproc[key].append(loop_s + close_s)
-            for path in (out["ours-convert"], out["qemu-convert"]):
-                if key.endswith("convert") and os.path.exists(path):
-                    os.unlink(path)
-        print(f"round {r + 1}/{args.repeat}: " +
-              ", ".join(f"{k} {samples[k][-1]:.3f}s" for k in samples), file=sys.stderr)
-    summary = {k: dict(summarise(v, cpu[k]), peak_rss_kib=max(rss[k], key=lambda x: x or 0))
-               for k, v in samples.items()}
-    for k, v in inproc.items():
-        summary[k + "-inproc"] = summarise(v)
+    def remove_converted(key):
+        for path in (out["ours-convert"], out["qemu-convert"]):
+            if key.endswith("convert") and os.path.exists(path):
+                os.unlink(path)
+
+    summary, stdouts = run_rounds({k: (setup, command()) for k, (setup, command) in plan.items()},
+                                  args.repeat, env, remove_converted)
+    for key in ("ours-seq-write", "ours-snap-all", "ours-snap-none"):   # loop + close, in process
+        summary[key + "-inproc"] = summarise([sum(map(float, text.split()))
+                                              for text in stdouts[key]])
     ratios = {}
 
     def ratio(name, a, b, target):
@@ -249,11 +273,7 @@ def main(argv=None) -> int:
            "writes": args.writes, "snap_writes": args.snap_writes, "checks": checks,
            "summary": summary, "ratios": ratios, "notes": notes}
     if not args.no_write:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "write.json"), "w") as f:
-            json.dump(doc, f, indent=2)
-        with open(os.path.join(args.out, "write.md"), "w") as f:
-            f.write(render_md(doc, "Write benchmark (bench/bench_write.py)", __doc__))
+        save_results(doc, args.out, "write", "Write benchmark (bench/bench_write.py)", __doc__)
     for path in out.values():
         if os.path.exists(path):
             os.unlink(path)

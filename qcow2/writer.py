@@ -598,20 +598,33 @@ class Writer:
         if new_size < old_size:
             if not shrink:
                 raise RequestError("Use the --shrink option to perform a shrink operation.")
-            self._shrink(new_size, old_size, need_l1)
-        elif need_l1 > len(img.l1_table):
+            # the size first: once clusters past the new end are dropped, a crash must not
+            # leave the old size showing the backing file (or zeros) where data was
+            img._update_header(size=new_size)
+            img._set_size(new_size)
+            self._barrier()
+            self._shrink(new_size, old_size, need_l1)      # a crash after this only leaks
+            return
+        if need_l1 > len(img.l1_table):
             self._grow_l1(need_l1)
-        img._update_header(size=new_size)
+        # the new area must read as zeros before the header says it exists (a crash in between
+        # must not show old bytes): the old last cluster may hold bytes past the old end, and a
+        # backing file must not show through (QEMU zeroes it too)
         img._set_size(new_size)
-        # the new area reads as zeros: the old last cluster may hold bytes past the old end, and
-        # a backing file must not show through (QEMU zeroes it too)
-        zero_end = min(new_size, -(-old_size // self.cluster_size) * self.cluster_size)
-        if img.backing is not None and hide_backing:
-            zero_end = max(zero_end, min(new_size, img.backing.size))
-        if old_size < zero_end:
-            self.write_zeroes(old_size, zero_end - old_size, False)
-        if preallocation != "off" and new_size > old_size:
-            self.preallocate(preallocation, -(-old_size // self.cluster_size))
+        try:
+            zero_end = min(new_size, -(-old_size // self.cluster_size) * self.cluster_size)
+            if img.backing is not None and hide_backing:
+                zero_end = max(zero_end, min(new_size, img.backing.size))
+            if old_size < zero_end:
+                self.write_zeroes(old_size, zero_end - old_size, False)
+            if preallocation != "off" and new_size > old_size:
+                self.preallocate(preallocation, -(-old_size // self.cluster_size))
+            self.flush_metadata()
+            self._barrier()
+            img._update_header(size=new_size)
+        except BaseException:
+            img._set_size(old_size)
+            raise
 
     def _shrink(self, new_size: int, old_size: int, need_l1: int) -> None:
         img = self.img

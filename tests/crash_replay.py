@@ -420,21 +420,22 @@ def clean(path: str) -> str | None:
 def content_problem(content: bytes, allowed: Sequence[bytes]) -> str | None:
     """None when every 512-byte guest sector of ``content`` equals that sector in one of the
     ``allowed`` guest states (the state at the last durable point and every later one): a crash
-    may lose or keep each unflushed change, but never invent bytes.  Compared over the smallest
-    of the virtual sizes (a resize changes it); the size itself must be one of them."""
+    may lose or keep each unflushed change, but never invent bytes.  A resize changes the virtual
+    size, which must be one of the states'; each sector is compared with the states that are
+    long enough to have it (so space a grow added must read as that state had it: zeros, not
+    the old bytes of the last cluster or of a backing file)."""
     sizes = sorted({len(s) for s in allowed})
     if len(content) not in sizes:
         return f"virtual size {len(content)} is none of {sizes}"
-    n = sizes[0]
     chunk = 64 * 1024
-    for a in range(0, n, chunk):
-        b = min(n, a + chunk)
+    for a in range(0, len(content), chunk):
+        b = min(len(content), a + chunk)
         piece = content[a:b]
-        if any(s[a:b] == piece for s in allowed):
+        if any(len(s) >= b and s[a:b] == piece for s in allowed):
             continue
         for x in range(a, b, SECTOR_SIZE):
             y = min(b, x + SECTOR_SIZE)
-            if not any(s[x:y] == content[x:y] for s in allowed):
+            if not any(len(s) >= y and s[x:y] == content[x:y] for s in allowed):
                 return (f"guest sector at 0x{x:x} reads {content[x:x + 16].hex()}..., which no "
                         f"state since the last flush had")
     return None
