@@ -25,10 +25,12 @@ import contextlib
 import threading
 from typing import Callable, Iterable, Iterator
 
+from . import constants as C
 from .errors import OverlapError
 from .events import EventEmitter, overlap_limit_event
 from .overlap import RangeMap
 from .overlap_types import OL_MASK_LIMIT, OverlapCheck, parse_overlap_check, type_name
+from .units import c_hex
 
 Source = Callable[[int], Iterable[tuple[int, int, int]]]
 CorruptionHandler = Callable[[str, int, int], None]
@@ -113,7 +115,18 @@ class OverlapGuard:
             return self._map.check(host_offset, length, ign & OL_MASK_LIMIT)
 
     def check_write(self, host_offset: int, length: int, ign: int = 0) -> None:
-        """Raise :class:`OverlapError` (after ``on_corruption``) if the write would hit metadata."""
+        """Raise :class:`OverlapError` (after ``on_corruption``) if the write would hit metadata,
+        or would reach past the 2^56 host offset limit (where no qcow2 structure can be: the
+        offset came from a damaged pointer, e.g. a refcount table aimed at the header, whose
+        bytes then read as refcount block offsets near 2^62; QEMU 7.2 writes there, growing the
+        file to exabytes where the file system allows it - found by fuzzing)."""
+        if host_offset + length > C.MAX_HOST_OFFSET:
+            msg = (f"Preventing invalid write past the host offset limit (offset "
+                   f"{c_hex(host_offset)}, length {c_hex(length)}, limit "
+                   f"{c_hex(C.MAX_HOST_OFFSET)})")
+            if self._on_corruption is not None:
+                self._on_corruption(msg, host_offset, length)
+            raise OverlapError(msg, host_offset, length, 0)
         hit = self.overlaps(host_offset, length, ign)
         if not hit:
             return

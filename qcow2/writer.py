@@ -80,6 +80,14 @@ class Writer:
         self.l2_entries = h.l2_entries
         self.subcluster_bits = h.cluster_bits - 5 if self.extended else h.cluster_bits
         self.has_data_file = h.has_data_file
+        missing = h.l1_size - len(image.l1_table)
+        if missing > 0:
+            # The read path holds only the L1 entries inside the file; a writer indexes every
+            # entry up to l1_size (validated by the header codec: at most 32 MiB), and QEMU reads
+            # the entries past the end of the file as zeros (found by fuzzing: a file cut inside
+            # its L1 table made writes fail with IndexError).  Extended in place: the mapping
+            # shares this array.
+            image.l1_table.extend(array.array("Q", bytes(8 * missing)))
         self.refcounts = Refcounts(image._file, h, guard=image._guard,
                                    write_header=image._update_header,
                                    signal_corruption=image._fail_corrupt)
