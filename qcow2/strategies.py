@@ -245,7 +245,8 @@ def _pack(buf: bytearray, offset: int, fmt: str, value: int) -> None:
 
 
 @st.composite
-def invalid_header_bytes(draw, violations=HEADER_VIOLATIONS, *, versions=(2, 3)) -> InvalidHeader:
+def invalid_header_bytes(draw, violations=HEADER_VIOLATIONS, *, versions=(2, 3),
+                         cluster_bits=None) -> InvalidHeader:
     """Invalid cluster-0 bytes: a valid header (:func:`headers`) with one rule of QEMU 7.2's
     header validation broken — bad magic, version, cluster size, header length, backing file
     offset, compression type or bit, unknown incompatible feature, subclusters too small, refcount
@@ -254,7 +255,7 @@ def invalid_header_bytes(draw, violations=HEADER_VIOLATIONS, *, versions=(2, 3))
     without the file.  Returns an :class:`InvalidHeader` naming the rule.  Use it to check that a
     parser refuses each of them (with an error, not a crash)."""
     applicable = []
-    h = draw(headers(versions=versions))
+    h = draw(headers(versions=versions, cluster_bits=cluster_bits))
     v3 = h.version == 3
     cs = h.cluster_size
     for v in violations:
@@ -506,8 +507,9 @@ def snapshot_entries(draw, *, cluster_size: int = 65536) -> SnapshotEntry:
         date_sec=draw(st.integers(0, _U32)), date_nsec=draw(st.integers(0, 999_999_999)),
         vm_clock_nsec=draw(st.integers(0, _U64)), vm_state_size=vm_state,
         disk_size=disk_size, icount=icount,
-        extra=bytes(min(extra_len, 24)) + draw(st.binary(min_size=max(0, extra_len - 24),
-                                                         max_size=max(0, extra_len - 24))))
+        extra=(struct.pack(">QQQ", vm_state, disk_size or 0, icount or 0)[:min(extra_len, 24)]
+               + draw(st.binary(min_size=max(0, extra_len - 24),
+                                max_size=max(0, extra_len - 24)))))
 
 
 # =============================================================================================
