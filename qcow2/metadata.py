@@ -70,14 +70,17 @@ def iter_metadata(image: "Image", types: int) -> Iterator[Triple]:
         reftable = decode_u64_table(read(h.refcount_table_clusters * cs, h.refcount_table_offset))
         yield from _tables(reftable, C.REFT_OFFSET_MASK, cs, OL_REFCOUNT_BLOCK)
     if types & OL_SNAPSHOT_TABLE and image.snapshots:
-        yield from _region(h.snapshots_offset, snapshot_table_size(image.snapshots),
+        size = getattr(image, "snapshots_size", None)   # as read (QEMU's count), else as encoded
+        yield from _region(h.snapshots_offset,
+                           size if size is not None else snapshot_table_size(image.snapshots),
                            OL_SNAPSHOT_TABLE)
     for snap in image.snapshots:
         if types & OL_INACTIVE_L1:
             yield from _region(snap.l1_table_offset, snap.l1_size * 8, OL_INACTIVE_L1)
         if types & OL_INACTIVE_L2 and snap.l1_size:
-            l1 = decode_u64_table(read(min(snap.l1_size, C.QCOW_MAX_L1_SIZE // 8) * 8,
-                                       snap.l1_table_offset))
+            # only the entries inside the file: a hostile l1_size must not size the read
+            l1 = decode_u64_table(image._file.pread_in_file(
+                min(snap.l1_size, C.QCOW_MAX_L1_SIZE // 8) * 8, snap.l1_table_offset, 8))
             yield from _tables(l1, C.L1E_OFFSET_MASK, cs, OL_INACTIVE_L2)
     bitmaps = h.bitmaps
     if types & (OL_BITMAP_DIRECTORY | OL_BITMAP_TABLE) and bitmaps is not None \

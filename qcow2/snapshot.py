@@ -26,7 +26,8 @@ from . import constants as C
 from .errors import FormatError, Qcow2Error, RequestError
 
 __all__ = ["SnapshotEntry", "decode_snapshot_table", "encode_snapshot_table",
-           "snapshot_table_size", "snapshot_entry_size", "SNAPSHOT_ENTRY_HEADER_SIZE"]
+           "snapshot_table_size", "snapshot_entry_size", "SNAPSHOT_ENTRY_HEADER_SIZE",
+           "make_snapshot_entry", "unpack_entry_header"]
 
 _ENTRY_HEADER = struct.Struct(">QIHHIIQII")
 SNAPSHOT_ENTRY_HEADER_SIZE = _ENTRY_HEADER.size   # 40
@@ -214,15 +215,29 @@ def _decode(buf: memoryview, nb_snapshots: int) -> tuple[SnapshotEntry, ...]:
         offset += name_len
         if offset > C.QCOW_MAX_SNAPSHOTS_SIZE:
             raise FormatError("Snapshot table is too big")
-        vm_state_size = vm_state32
-        disk_size = icount = None
-        if extra_len >= _EXTRA_VM_STATE:
-            vm_state_size = int.from_bytes(extra[0:8], "big")
-        if extra_len >= _EXTRA_DISK_SIZE:
-            disk_size = int.from_bytes(extra[8:16], "big")
-        if extra_len >= _EXTRA_ICOUNT:
-            icount = int.from_bytes(extra[16:24], "big")
-        u32 = None if vm_state32 == _derived_u32(vm_state_size) else vm_state32
-        out.append(SnapshotEntry(l1_off, l1_size, id_str, name, date_sec, date_nsec, vm_clock,
-                                 vm_state_size, disk_size, icount, extra, u32))
+        out.append(make_snapshot_entry((l1_off, l1_size, id_len, name_len, date_sec, date_nsec,
+                                        vm_clock, vm_state32, extra_len), extra, id_str, name))
     return tuple(out)
+
+
+def make_snapshot_entry(fixed: tuple, extra: bytes, id_str: str, name: str) -> SnapshotEntry:
+    """An entry from its unpacked fixed part (the nine fields of ``_FIELDS``), its extra data
+    (as kept: at most what the entry declares) and its decoded id and name.  The extra data
+    decides which of ``vm_state_size``/``disk_size``/``icount`` it holds.  O(1)."""
+    l1_off, l1_size, _, _, date_sec, date_nsec, vm_clock, vm_state32, _ = fixed
+    vm_state_size = vm_state32
+    disk_size = icount = None
+    if len(extra) >= _EXTRA_VM_STATE:
+        vm_state_size = int.from_bytes(extra[0:8], "big")
+    if len(extra) >= _EXTRA_DISK_SIZE:
+        disk_size = int.from_bytes(extra[8:16], "big")
+    if len(extra) >= _EXTRA_ICOUNT:
+        icount = int.from_bytes(extra[16:24], "big")
+    u32 = None if vm_state32 == _derived_u32(vm_state_size) else vm_state32
+    return SnapshotEntry(l1_off, l1_size, id_str, name, date_sec, date_nsec, vm_clock,
+                         vm_state_size, disk_size, icount, bytes(extra), u32)
+
+
+def unpack_entry_header(raw: bytes) -> tuple:
+    """The nine fixed fields of an entry from its first 40 bytes (``_FIELDS`` order)."""
+    return _ENTRY_HEADER.unpack_from(raw, 0)
