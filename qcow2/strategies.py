@@ -404,7 +404,8 @@ def _aligned_offsets(cluster_size: int):
 def l1_entries(cluster_size: int = 65536, *, valid: bool | None = None):
     """L1 table entries (u64) for a cluster size: valid ones are 0 or a cluster-aligned L2 table
     offset below 2^56 with or without ``COPIED``; invalid ones have reserved bits set (bits 0-8,
-    56-62) or an offset that is not cluster aligned.  ``valid=None`` draws both."""
+    56-62) or an offset that is not cluster aligned.  ``valid=None`` draws both.  Use: fill an L1
+    table for a mapping or checking routine, or patch one entry of a real image."""
     good = st.one_of(st.just(0), st.tuples(_aligned_offsets(cluster_size), st.booleans())
                      .map(lambda t: t[0] | (C.QCOW_OFLAG_COPIED if t[1] else 0)))
     reserved = st.tuples(good, st.sampled_from([b for b in range(64)
@@ -425,6 +426,7 @@ def l2_entries(cluster_size: int = 65536, *, version: int = 3, extended_l2: bool
     cluster (version 3), compressed descriptors; with extended L2 a consistent subcluster bitmap.
     Invalid: reserved bits, unaligned data offsets, ``COPIED`` on a compressed entry, and for
     extended L2 subclusters both allocated and zero, or allocated in a cluster without an offset.
+    Use: test an L2 entry classifier or a guest-to-host mapper entry by entry.
     """
     bits = cluster_size.bit_length() - 1
     copied = st.sampled_from((0, C.QCOW_OFLAG_COPIED))
@@ -464,7 +466,8 @@ def l2_entries(cluster_size: int = 65536, *, version: int = 3, extended_l2: bool
 
 def reftable_entries(cluster_size: int = 65536, *, valid: bool | None = None):
     """Refcount table entries: valid ones 0 or a cluster-aligned refcount block offset; invalid
-    ones with reserved bits (0-8) set or an unaligned offset."""
+    ones with reserved bits (0-8) set or an unaligned offset.  Use: a refcount-table reader's
+    validation."""
     good = st.one_of(st.just(0), _aligned_offsets(cluster_size))
     bad = st.tuples(good, st.integers(1, 0x1FF)).map(lambda t: t[0] | t[1])
     if cluster_size > 512:
@@ -473,7 +476,8 @@ def reftable_entries(cluster_size: int = 65536, *, valid: bool | None = None):
 
 
 def refcount_values(refcount_bits: int = 16):
-    """Refcount entry values for a width: 0, 1, 2, the maximum and anything in between."""
+    """Refcount entry values for a width: 0, 1, 2, the maximum and anything in between.  Use:
+    refcount block encoders and decoders (sub-byte widths are packed LSB first)."""
     top = (1 << refcount_bits) - 1
     return st.one_of(st.sampled_from(sorted({0, 1, min(2, top), top, max(0, top - 1)})),
                      st.integers(0, top))
@@ -482,7 +486,7 @@ def refcount_values(refcount_bits: int = 16):
 def compressed_descriptors(cluster_bits: int = 16):
     """Compressed-cluster L2 entries (``QCOW_OFLAG_COMPRESSED`` set, ``COPIED`` clear): any host
     byte offset the descriptor holds (biased to small ones) and any sector count, including the
-    maximum."""
+    maximum.  Use: a compressed-descriptor decoder, which must accept every such word."""
     offset_mask, shift, csize_mask = compressed_params(cluster_bits)
     return st.tuples(st.one_of(st.integers(0, 1 << 20), st.integers(0, offset_mask)),
                      st.one_of(st.sampled_from((0, csize_mask)), st.integers(0, csize_mask))) \
@@ -493,7 +497,8 @@ def compressed_descriptors(cluster_bits: int = 16):
 def snapshot_entries(draw, *, cluster_size: int = 65536) -> SnapshotEntry:
     """Valid snapshot table entries: an aligned L1 offset, any L1 size QEMU accepts, id and name
     strings, dates, VM state sizes (64-bit ones in the extra data), the disk size and icount
-    extra fields or not, unknown extra bytes up to QEMU's 1024-byte limit."""
+    extra fields or not, unknown extra bytes up to QEMU's 1024-byte limit.  Use: a snapshot
+    table parser's round trip (encode a list of them, decode it back)."""
     extra_len = draw(st.sampled_from((0, 8, 16, 24, 32, 1024)))
     vm_state = draw(st.one_of(st.just(0), st.integers(0, _U32), st.integers(0, _U64)))
     if extra_len < 8:
@@ -550,7 +555,8 @@ def create_options(draw, *, cluster_sizes=_CLUSTER_SIZES, versions=("0.10", "1.1
 
 def disk_sizes(cluster_size: int, *, max_size: int = 1 * MiB):
     """Virtual disk sizes for small images: 0, whole clusters, and sizes that end inside a
-    cluster (any multiple of 512), up to ``max_size`` bytes."""
+    cluster (any multiple of 512), up to ``max_size`` bytes.  Use: with :func:`create_options`
+    and :func:`operations` to build images your own way."""
     top = max(1, max_size // C.SECTOR_SIZE)
     return st.one_of(
         st.just(0),
@@ -643,7 +649,8 @@ def image_chains(draw, *, max_depth: int = 3, raw_base: bool = True, max_ops: in
     or without a backing format), optionally over a raw base file, each with its own size,
     options and operations.  Draws the top :class:`GeneratedImage`; its ``backing`` holds the
     layers below, base first, and ``write_to(directory)`` writes the whole chain (names are
-    relative, resolved against the image's directory as QEMU does)."""
+    relative, resolved against the image's directory as QEMU does).  Use: a reader's backing-file
+    handling (copy-on-read through layers of different sizes and formats)."""
     layers = []
     depth = draw(st.integers(1, max_depth))
     raw = None

@@ -80,13 +80,13 @@ class Writer:
         self.l2_entries = h.l2_entries
         self.subcluster_bits = h.cluster_bits - 5 if self.extended else h.cluster_bits
         self.has_data_file = h.has_data_file
-        missing = h.l1_size - len(image.l1_table)
+        missing = min(h.l1_size, h.nb_l1_entries_needed) - len(image.l1_table)
         if missing > 0:
             # The read path holds only the L1 entries inside the file; a writer indexes every
-            # entry up to l1_size (validated by the header codec: at most 32 MiB), and QEMU reads
-            # the entries past the end of the file as zeros (found by fuzzing: a file cut inside
-            # its L1 table made writes fail with IndexError).  Extended in place: the mapping
-            # shares this array.
+            # entry the virtual size needs, and QEMU reads the entries past the end of the file
+            # as zeros (found by fuzzing: a file cut inside its L1 table made writes fail with
+            # IndexError).  Not up to a hostile l1_size (4M entries of zeros walked in Python by
+            # the guard, also found by fuzzing).  Extended in place: the mapping shares it.
             image.l1_table.extend(array.array("Q", bytes(8 * missing)))
         self.refcounts = Refcounts(image._file, h, guard=image._guard,
                                    write_header=image._update_header,

@@ -8,8 +8,10 @@ behaves sanely, and each test says where we deliberately do better.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import struct
+import subprocess
 
 import pytest
 
@@ -20,6 +22,7 @@ from qcow2.errors import CorruptImageError, OverlapError, Qcow2Error
 from qcow2.image import Image
 
 import qemu
+from fuzz_support import our_check
 
 KiB = 1024
 
@@ -43,6 +46,63 @@ def _tmpfs_or(tmp_path):
         import tempfile
         return tempfile.mkdtemp(prefix="qcow2-regress-", dir="/dev/shm")
     return str(tmp_path)
+
+
+def _qemu_check_limited(path, *args):
+    """qemu-img check with a 4 GiB address space (it may try to allocate terabytes)."""
+    qemu.require_qemu()
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    return subprocess.run([qemu.QEMU_IMG, "check", "-f", "qcow2", *args, str(path)],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=120)
+
+
+@pytest.mark.parametrize("where", ["tmpfs", "tmp_path"])
+def test_repair_of_refcount_block_far_outside_the_file_is_bounded(tmp_path, where):
+    """Found by fuzzing (corruption "huge-value": refcount_table_clusters 1 -> 2).  The second
+    reftable cluster is refcount block 0, whose refcounts (0x0001 0x0001 0x0001 ...) read as a
+    refcount block offset of 0x0001000100010000: 256 TiB past the end of a 1.5 KiB file.
+    ``check -r all`` grows the file for a refcount block outside it.  Where the file system
+    refuses that size (ext4) qemu-img reports it and rebuilds the refcounts; where it allows it
+    (tmpfs) qemu-img's count array cannot be allocated: "Check failed: Cannot allocate memory".
+    We had a MemoryError there (the array sized by the offset).  Now: the same exit code and
+    failure as qemu-img, and the file is not left at 256 TiB (qemu-img leaves it so)."""
+    directory = _tmpfs_or(tmp_path) if where == "tmpfs" else str(tmp_path)
+    try:
+        path = os.path.join(directory, "img.qcow2")
+        qemu.create(path, 0, options={"compat": "0.10", "cluster_size": "512"})
+        _poke(path, 56, ">I", 2)
+        theirs = path + ".qemu"
+        shutil.copyfile(path, theirs)
+        size = os.path.getsize(path)
+        ref = _qemu_check_limited(theirs, "-r", "all")
+        ours = our_check(path, "-r", "all")
+        assert ours.rc == ref.returncode, (ours.stderr, ref.stderr)
+        if ref.returncode == 1:
+            assert "Check failed: Cannot allocate memory" in ref.stderr
+            assert "Check failed: Cannot allocate memory" in ours.stderr
+            assert os.path.getsize(path) == size
+        else:
+            assert "ERROR could not resize image" in ours.stderr
+            assert qemu.qemu_img("check", path, check=False).returncode == 0
+    finally:
+        if where == "tmpfs":
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_check_count_array_growth_is_capped(tmp_path):
+    """The same case through the API on any file system: the check's result says what happened
+    (no exception), and whatever the outcome the file never grows by more than a cluster or two
+    in our hands."""
+    path = str(tmp_path / "img.qcow2")
+    qemu.create(path, 0, options={"compat": "0.10", "cluster_size": "512"})
+    _poke(path, 56, ">I", 2)
+    size = os.path.getsize(path)
+    with Image(path, "r+", _repair=True) as img:
+        res = check_image(img, "all")
+    assert res.failed in (None, "Cannot allocate memory")
+    assert os.path.getsize(path) <= size + 4 * 512
 
 
 def test_writes_past_the_host_offset_limit_are_refused(tmp_path):
@@ -123,3 +183,24 @@ def test_file_cut_inside_the_header_refuses_writes_cleanly(tmp_path):
     with img:
         with pytest.raises(CorruptImageError):
             img.pwrite(b"x" * 512, 0)
+
+
+def test_writer_l1_table_stops_at_what_the_size_needs(tmp_path):
+    """Found by atheris (a slow unit): with the fix above the writer extended its L1 table up to
+    a hostile ``l1_size`` (3.4M entries of zeros past the end of the file), which the guard then
+    walked in Python at every rebuild.  Writes only ever index the entries the virtual size
+    needs, so the table is extended only that far.  (The 27 MiB such an L1 table claims covers
+    the end of the file, so the first allocation overlaps it: refused, as qemu-io refuses it.)"""
+    path = str(tmp_path / "img.qcow2")
+    qemu.create(path, "64K", options={"cluster_size": "1024"})
+    _poke_u32(path, 36, 3417856)
+    with qcow2.open(path, "r+") as img:
+        assert len(img.l1_table) == img.header.nb_l1_entries_needed == 1
+        with pytest.raises(OverlapError, match="overlaps with active L1 table"):
+            img.pwrite(b"\x44" * 1024, 0)
+
+
+def _poke_u32(path, offset: int, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(">I", value))
