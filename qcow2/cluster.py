@@ -132,7 +132,8 @@ class Mapping:
         if nb_entries == 1 or entry & QCOW_OFLAG_COMPRESSED:
             return 1
         host = entry & L2E_OFFSET_MASK
-        if host or (self.has_data_file and entry & QCOW_OFLAG_COPIED):
+        if host or (self.has_data_file and entry & QCOW_OFLAG_COPIED
+                    and not entry & QCOW_OFLAG_ZERO):    # as in _standard: zero flag first
             step = self.cluster_size
             # never let the progression carry out of the offset field into the flag bits
             nb_entries = min(nb_entries, ((L2E_OFFSET_MASK + 0x200) - host) >> self.cluster_bits)
@@ -188,7 +189,10 @@ class Mapping:
                 raise CorruptImageError(
                     f"Zero cluster entry found in pre-v3 image (L2 offset: {c_hex(l2_offset)}, "
                     f"L2 index: {c_hex(l2_index)})")
-            _append(out, ZERO, pos, n, host + in_cluster if host >= 0 else -1)
+            # QEMU tests the zero flag first: a zero entry has a host cluster only when its
+            # offset field is set (offset 0 with COPIED is no data file cluster here)
+            host = entry & L2E_OFFSET_MASK
+            _append(out, ZERO, pos, n, host + in_cluster if host else -1)
         elif host >= 0:
             _append(out, DATA, pos, n, host + in_cluster)
         else:

@@ -6,6 +6,7 @@ clean and ``compare`` against a raw model must match.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -124,3 +125,27 @@ def test_discard_with_raw_data_file_keeps_partial_clusters(tmp_path):
         assert img.pread(65536, 0) == model[:65536]
     _assert_like_model(path, bytes(model), tmp_path)
     assert data_file.read_bytes()[:65536] == model[:65536]
+
+
+@pytest.mark.parametrize("zeroed_by", ["qemu-io", "writer"])
+def test_zero_cluster_at_data_file_offset_0_has_no_host_offset(tmp_path, zeroed_by):
+    """With an external data file, guest cluster 0 maps to data file offset 0 (L2 entry: offset 0
+    plus COPIED).  Zeroed in place it becomes offset 0 + COPIED + zero flag, which QEMU reads as
+    a plain zero cluster (the zero flag is tested before the offset-0 rule): ``map`` must show it
+    without a host offset, as qemu-img map does.  (Found by tests/test_writer_model.py.)"""
+    path = str(tmp_path / "df.qcow2")
+    with qcow2.create(path, 1 << 20, cluster_size=512, data_file=str(tmp_path / "data.raw")) as img:
+        img.pwrite(b"\x07" * 1536, 0)
+        if zeroed_by == "writer":
+            img.write_zeroes(0, 1024)
+    if zeroed_by == "qemu-io":
+        qemu_io(path, "write -z 0 1024")
+    theirs = json.loads(qemu_img("map", "--output=json", path).stdout)
+    with qcow2.open(path) as img:
+        assert img._l2_cache.load(img.l1_table[0] & 0x00FFFFFFFFFFFE00)[0] == (1 << 63) | 1
+        assert [e.to_json() for e in img.map()] == theirs
+        assert theirs[0] == {"start": 0, "length": 512, "depth": 0, "present": True,
+                             "zero": True, "data": False}
+        assert theirs[1]["offset"] == 512                  # the next one keeps its offset
+        assert img.pread(2048, 0) == bytes(1024) + b"\x07" * 512 + bytes(512)
+    _assert_like_model(path, bytes(1024) + b"\x07" * 512 + bytes((1 << 20) - 1536), tmp_path)
