@@ -130,6 +130,7 @@ class Refcounts(RefcountReader):
         self._max_refcount = (1 << (1 << self._order)) - 1
         self.free_hint = 0                               # no free cluster below this index
         self._pending: list[tuple[int, int]] = []        # queued decrements (cluster_index, count)
+        self._queued: dict[int, int] = {}                # cluster_index -> sum of its pending counts
         table = self.reftable
         missing = self._reftable_size // 8 - len(table)  # cut by the end of the file: zeros
         if missing > 0:
@@ -188,7 +189,18 @@ class Refcounts(RefcountReader):
         return self.refcount(cluster_index) < self._max_refcount
 
     def decref(self, cluster_index: int, count: int = 1) -> None:
-        """Queue a decrement, applied by :meth:`apply_decrefs` once the reference is gone on disk."""
+        """Queue a decrement, applied by :meth:`apply_decrefs` once the reference is gone on disk.
+
+        A decrement the cluster's refcount cannot take (with those already queued) is dropped:
+        the refcounts are wrong (a damaged image); QEMU refuses such a free ("qcow2_free_clusters
+        failed: Invalid argument") and goes on, leaking.  Queued, it would drop the refcount of
+        whatever reuses the cluster meanwhile (found by fuzzing: an L1 table pointer aimed past
+        the end of the file, whose clusters had no refcount, was moved by a resize; the cluster
+        was handed out for data, then "freed" while mapped)."""
+        queued = self._queued.get(cluster_index, 0)
+        if self.refcount(cluster_index) < queued + count:
+            return
+        self._queued[cluster_index] = queued + count
         self._pending.append((cluster_index, count))
 
     def decref_range(self, host_offset: int, length: int) -> None:
@@ -206,6 +218,7 @@ class Refcounts(RefcountReader):
     def apply_decrefs(self) -> None:
         """Apply the queued decrements (the caller has written the tables that dropped them)."""
         pending, self._pending = self._pending, []
+        self._queued.clear()
         for index, count in pending:
             self.add(index, -count)
 
