@@ -268,22 +268,33 @@ def changed_ranges(before: bytes, after: bytes, block: int = 512) -> list[tuple[
 # -- qemu-img ----------------------------------------------------------------------------------------
 
 QEMU_TIMEOUT_S = 20
+"""qemu-img runs longer than this are no reference (see test_fuzz_properties._qemu_excluded)."""
 
 
 @dataclass
 class CheckRun:
-    """One check: exit code and the JSON summary (None when the tool printed none)."""
+    """One check: exit code (None: qemu-img ran past :data:`QEMU_TIMEOUT_S`) and the JSON summary
+    (None when the tool printed none)."""
 
-    rc: int
+    rc: int | None
     summary: dict | None
     stderr: str
 
 
 def qemu_check(path: str, *args: str) -> CheckRun:
-    """``qemu-img check --output=json [args] path``; a crash is rc < 0 (signal), a hang fails."""
+    """``qemu-img check --output=json [args] path``; a crash is rc < 0 (signal), a run longer than
+    :data:`QEMU_TIMEOUT_S` rc None.  Its address space is capped at 4 GiB (it may try to allocate
+    terabytes for a hostile image)."""
     qemu.require_qemu()
-    proc = subprocess.run([qemu.QEMU_IMG, "check", "-f", "qcow2", "--output=json", *args, path],
-                          capture_output=True, text=True, timeout=QEMU_TIMEOUT_S)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    try:
+        proc = subprocess.run([qemu.QEMU_IMG, "check", "-f", "qcow2", "--output=json", *args,
+                               path], capture_output=True, text=True, timeout=QEMU_TIMEOUT_S,
+                              preexec_fn=limit)
+    except subprocess.TimeoutExpired as e:
+        return CheckRun(None, None, f"timeout after {e.timeout} s")
     try:
         summary = json.loads(proc.stdout) if proc.stdout.strip() else None
     except ValueError:
