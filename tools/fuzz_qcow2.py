@@ -42,11 +42,20 @@ _WORKDIR = None
 
 
 def _setup() -> str:
-    """The scratch directory, with the backing files and the data file inputs may name."""
+    """The scratch directory, with the backing files and the data file inputs may name.
+
+    libFuzzer ends the process from C (no Python cleanup runs), so the directories of earlier
+    runs whose process is gone are removed here."""
+    import glob
     import tempfile
     from make_fuzz_corpus import backing_files
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    directory = tempfile.mkdtemp(prefix="qcow2-atheris-", dir=base)
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    for stale in glob.glob(os.path.join(base, "qcow2-atheris-*-")) + \
+            glob.glob(os.path.join(base, "qcow2-atheris-*-*")):
+        pid = os.path.basename(stale).split("-")[2]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    directory = tempfile.mkdtemp(prefix=f"qcow2-atheris-{os.getpid()}-", dir=base)
     for name, data in backing_files().items():
         with open(os.path.join(directory, name), "wb") as f:
             f.write(data)
@@ -111,9 +120,13 @@ def main() -> None:
     if files and len(files) == len(args) - 1:
         inputs = [open(f, "rb").read() for f in files]
         _WORKDIR = _setup()
-        for name, data in zip(files, inputs):
-            print(f"replaying {name} ({len(data)} bytes)")
-            test_one_input(data)
+        try:
+            for name, data in zip(files, inputs):
+                print(f"replaying {name} ({len(data)} bytes)")
+                test_one_input(data)
+        finally:
+            os.chdir("/")
+            shutil.rmtree(_WORKDIR, ignore_errors=True)
         print("no crash")
         return
     corpus = [os.path.abspath(a) if not a.startswith("-") else a for a in args[1:]]
