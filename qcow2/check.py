@@ -2,6 +2,10 @@
 
 Theory of operation
 -------------------
+*Snapshot table.*  Read first, the way qemu-img check reads it (tolerant of what a normal open
+refuses, with its messages and its repairs; see :mod:`qcow2.check_snapshots`).  A table repaired
+there is written anew once the refcounts are repaired.
+
 *Counting.*  Every reference the image makes is counted into an array indexed by host cluster,
 sized by the host file (one cluster of slack, as QEMU allows a structure to end up to one cluster
 past the end of the file): the header, the active L1 table and its L2 tables and data clusters,
@@ -35,14 +39,15 @@ from typing import TYPE_CHECKING, Callable
 
 from . import constants as C
 from .bitmap import BME_TABLE_ENTRY_OFFSET_MASK
+from .check_snapshots import CheckFailed, RewriteFailed, read_for_check, repair_snapshot_table
+from .snapshot_table import MAX_READ_END
 from .errors import OverlapError, Qcow2Error
 from .guard import LimitReporter
 from .metadata import iter_metadata
 from .overlap import RangeMap
 from .overlap_types import (OL_ACTIVE_L1, OL_ACTIVE_L2, OL_INACTIVE_L2, OL_REFCOUNT_BLOCK,
-                            parse_overlap_check, type_name)
+                            OL_REFCOUNT_TABLE, parse_overlap_check, type_name)
 from .refcount import RefcountReader
-from .snapshot import snapshot_table_size
 from .units import c_hex
 from .tables import decode_compressed, decode_u64_table, encode_refblock, encode_u64_table
 
@@ -65,6 +70,14 @@ _COPIED = C.QCOW_OFLAG_COPIED
 _COMPRESSED = C.QCOW_OFLAG_COMPRESSED
 _ZERO = C.QCOW_OFLAG_ZERO
 _MASK = C.L2E_OFFSET_MASK
+#: How much a repair may grow the check's per-cluster count array (bytes) when it grows the file
+#: for a refcount block outside it; beyond, the check fails as QEMU's does when its allocation fails.
+_MAX_COUNTER_GROWTH_BYTES = 8 << 20
+
+
+def _wrap_int64(value: int) -> int:
+    """``value`` as a signed 64-bit C integer computes it (wrapping)."""
+    return ((value + (1 << 63)) & ((1 << 64) - 1)) - (1 << 63)
 
 
 @dataclass
@@ -90,7 +103,8 @@ class CheckResult:
     overlaps: list[str] = field(default_factory=list)
     unprotected: list[tuple[int, int]] = field(default_factory=list)
     failed: str | None = None     # "Check failed: <reason>" when the check could not complete
-    errors: list[str] = field(default_factory=list)   # error lines printed before that
+    errors: list[str] = field(default_factory=list)   # error messages printed before that (a
+    # message may go on with hint lines, which qemu-img prints without its program prefix)
 
     @property
     def exit_code(self) -> int:
@@ -152,8 +166,15 @@ class _Counter:
         self.highest = -1     # highest index counted
 
     def grow(self, nb: int) -> None:
-        """Make room for ``nb`` clusters (the file grew during a repair)."""
+        """Make room for ``nb`` clusters (the file grew during a repair).
+
+        Raises :class:`CheckFailed` ("Cannot allocate memory", QEMU's failure when it cannot
+        enlarge its count array) past :data:`_MAX_COUNTER_GROWTH_BYTES`: a refcount table entry
+        far past the end of the file must not size an allocation (found by fuzzing: a 256 TiB
+        offset was a MemoryError where the file system allows such a file, e.g. tmpfs)."""
         missing = nb - len(self.counts)
+        if missing * self.counts.itemsize > _MAX_COUNTER_GROWTH_BYTES:
+            raise CheckFailed("Cannot allocate memory")
         if missing > 0:
             self.counts.extend(array.array(self.counts.typecode,
                                            bytes(self.counts.itemsize * missing)))
@@ -186,11 +207,14 @@ class _Checker:
     def inc(self, res: CheckResult, counter: _Counter, offset: int, size: int) -> None:
         if size <= 0:
             return
-        if offset + size - self.file_size > self.cs:
+        signed = _wrap_int64(offset)      # QEMU keeps offsets in signed 64-bit integers
+        if _wrap_int64(signed + size - self.file_size) >= self.cs:
             self.say("ERROR: counting reference for region exceeding the end of the file by one "
                      f"cluster or more: offset 0x{offset:x} size 0x{size:x}")
             res.corruptions += 1
             return
+        if signed < 0:      # QEMU would size its count array by this offset, and fail
+            raise CheckFailed("Cannot allocate memory")
         counts = counter.counts
         first = offset >> self.bits
         last = (offset + size - 1) >> self.bits
@@ -222,14 +246,8 @@ class _Checker:
             self.say(f"ERROR {len(img.snapshots)} snapshots in image with data file")
             res.corruptions += 1
         for sn in img.snapshots:
-            if sn.l1_size > C.QCOW_MAX_L1_SIZE // 8:
-                self.say(f"ERROR snapshot {sn.id_str} ({sn.name}) l1_size={c_hex(sn.l1_size)}: L1 "
-                         "size is too large; snapshot table entry corrupted")
-                res.corruptions += 1
-                continue
-            self.check_l1(res, counter, sn.l1_table_offset, sn.l1_size, 0)
-        if img.snapshots:
-            self.inc(res, counter, h.snapshots_offset, snapshot_table_size(img.snapshots))
+            self.check_snapshot_l1(res, counter, sn)
+        self.inc(res, counter, h.snapshots_offset, img.snapshots_size)
         self.inc(res, counter, h.refcount_table_offset, h.refcount_table_clusters * self.cs)
         crypto = h.crypto_header
         if crypto is not None:
@@ -238,21 +256,45 @@ class _Checker:
         rebuild |= self.check_refblocks(res, counter)
         return counter, rebuild
 
+    def check_snapshot_l1(self, res: CheckResult, counter: _Counter, sn) -> None:
+        """A snapshot's L1 table, after QEMU's two checks of its table entry (alignment first)."""
+        where = f"ERROR snapshot {sn.id} ({sn.display_name})"
+        if sn.l1_table_offset & (self.cs - 1):
+            self.say(f"{where} l1_offset={c_hex(sn.l1_table_offset)}: L1 table is not cluster "
+                     "aligned; snapshot table entry corrupted")
+            res.corruptions += 1
+        elif sn.l1_size > C.QCOW_MAX_L1_SIZE // 8:
+            self.say(f"{where} l1_size={c_hex(sn.l1_size)}: L1 table is too large; snapshot "
+                     "table entry corrupted")
+            res.corruptions += 1
+        else:
+            self.check_l1(res, counter, sn.l1_table_offset, sn.l1_size, 0)
+
     def check_l1(self, res: CheckResult, counter: _Counter, l1_offset: int, l1_size: int,
                  flags: int) -> None:
+        """Count an L1 table and its L2 tables.  As QEMU: every non-zero entry is followed, even
+        one whose offset bits are zero (an L2 table at offset 0); reserved bits and misalignment
+        are reported after the table is counted.  An L1 table ending where QEMU cannot read fails
+        the check (EIO)."""
         if not l1_size:
             return
         self.inc(res, counter, l1_offset, l1_size * 8)
+        if l1_offset + l1_size * 8 > MAX_READ_END:
+            self.say("ERROR: I/O error in check_refcounts_l1")
+            raise CheckFailed("Input/output error")
         l1 = self.img._read_l1(l1_offset, l1_size)
-        for index, entry in enumerate(l1):
-            l2_offset = entry & C.L1E_OFFSET_MASK
-            if not l2_offset:
+        for entry in l1:
+            if not entry:
                 continue
+            if entry & C.L1E_RESERVED_MASK:
+                self.say(f"ERROR found L1 entry with reserved bits set: {entry:x}")
+                res.corruptions += 1
+            l2_offset = entry & C.L1E_OFFSET_MASK
+            self.inc(res, counter, l2_offset, self.cs)
             if l2_offset & (self.cs - 1):
                 self.say(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry "
                          "corrupted")
                 res.corruptions += 1
-            self.inc(res, counter, l2_offset, self.cs)
             self.check_l2(res, counter, l2_offset, flags)
 
     def _plain_offsets(self, raw: bytes) -> list[int] | None:
@@ -379,7 +421,8 @@ class _Checker:
                             table[i + 1] = 0xFFFFFFFF << 32
                         entry_bytes = encode_u64_table(table[i:i + width])
                         self.repair_write(entry_bytes, l2_offset + 8 * i,
-                                          OL_ACTIVE_L2 if frag else OL_INACTIVE_L2)
+                                          OL_ACTIVE_L2 if frag else OL_INACTIVE_L2,
+                                          on_overlap="ERROR: Overlap check failed")
                         res.corruptions -= 1
                         res.corruptions_fixed += 1
                         continue
@@ -391,7 +434,7 @@ class _Checker:
             if data_file:
                 continue
             k = offset >> bits
-            if offset + cs - self.file_size > cs or k >= limit or offset & (cs - 1):
+            if offset >= self.file_size or k >= limit or offset & (cs - 1):
                 self.inc(res, counter, offset, cs)      # the slow path says what is wrong
             elif counts[k] == cmax:
                 self.inc(res, counter, offset, cs)
@@ -455,6 +498,12 @@ class _Checker:
                 self.say(f"{'Repairing' if repair else 'ERROR'} refcount block {i} is outside "
                          "image")
                 if repair:       # grow the file so that the (zero) block exists
+                    if offset > C.INT64_MAX - self.cs:
+                        # no file can be that long (QEMU checks this first; found by fuzzing:
+                        # an OverflowError from ftruncate on a reftable entry with bit 63 set)
+                        self.say("ERROR could not resize image: Invalid argument")
+                        rebuild = True
+                        continue
                     try:
                         self.file.truncate(offset + self.cs)
                     except Qcow2Error as e:      # e.g. past the file system's largest file
@@ -463,9 +512,13 @@ class _Checker:
                                  f"{str(e).rsplit(': ', 1)[-1]}")
                         rebuild = True
                         continue
+                    try:
+                        counter.grow(-(-self.file.size // self.cs) + 1)
+                    except CheckFailed:    # unlike QEMU, do not leave the huge file behind
+                        self.file.truncate(self.file_size)
+                        raise
                     self.file_size = self.file.size
                     self.nb_file_clusters = -(-self.file_size // self.cs)
-                    counter.grow(self.nb_file_clusters + 1)
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
                     self.inc(res, counter, offset, self.cs)
@@ -513,9 +566,19 @@ class _Checker:
                     self.say(f"Can't get refcount for cluster {i}: Input/output error")
                 res.check_errors += n
                 continue
+            if raw and raw + self.cs > MAX_READ_END:
+                # QEMU's read of such a block fails (EIO; found by fuzzing: a reftable entry with
+                # bit 63 set read as zeros here, corruptions instead of qemu-img's check errors)
+                for i in range(first, first + n):
+                    self.say(f"Can't get refcount for cluster {i}: Input/output error")
+                res.check_errors += n
+                continue
             block = refcounts._block(r)
             on_disk = block[:n] if block is not None else None
             wanted = counts[first:first + n]
+            if on_disk is None and wanted.count(0) == n:
+                continue   # no block, nothing referenced: nothing to say (bulk; found by fuzzing:
+                # a file grown by a repair took seconds here, one Python step per cluster)
             if on_disk is not None and on_disk == wanted:
                 used = wanted.tobytes().rstrip(b"\0")
                 if used:
@@ -554,12 +617,13 @@ class _Checker:
 
     def refcount_now(self, cluster: int) -> int | None:
         """The refcount of a cluster including repairs not yet written; None when it cannot be
-        read (an unaligned refcount block)."""
+        read (an unaligned refcount block, or one QEMU cannot read: see :meth:`compare`)."""
         r, i = divmod(cluster, self.refcounts._entries)
         block = self._repaired.get(r)
         if block is None:
             reftable = self.refcounts.reftable
-            if r < len(reftable) and reftable[r] & C.REFT_OFFSET_MASK & (self.cs - 1):
+            raw = reftable[r] & C.REFT_OFFSET_MASK if r < len(reftable) else 0
+            if raw & (self.cs - 1) or (raw and raw + self.cs > MAX_READ_END):
                 return None
             block = self.refcounts._block(r)
         return 0 if block is None else block[i]
@@ -626,8 +690,9 @@ class _Checker:
                     res.corruptions_fixed += 1
                 else:
                     res.corruptions += 1
-            if l2_offset & (self.cs - 1):
-                continue
+            # An unaligned L2 table is read where it points, and an unaligned data offset's
+            # refcount is that of the cluster holding it, as qemu-img 7.2 does (found by fuzzing:
+            # skipping them lost qemu-img's OFLAG_COPIED errors on such entries)
             raw = self.file.pread(self.cs, l2_offset)
             if self._copied_ok(raw):
                 continue
@@ -642,8 +707,6 @@ class _Checker:
                     continue
                 if self.has_data_file:
                     refcount = 1
-                elif offset & (self.cs - 1):
-                    continue
                 else:
                     refcount = self.refcount_now(offset >> self.bits)
                     if refcount is None:
@@ -719,12 +782,25 @@ class _Checker:
         self.repair_write(encode_u64_table(table), table_start << bits, 0,
                           "ERROR writing reftable")
         self.file.flush()
+        guard = self.img._guard
+        if guard is not None:
+            # The header write switches to the new structures: the old ones stop being metadata
+            # now, the new ones start (found by fuzzing: a damaged refcount table entry aimed into
+            # cluster 0 made the guard refuse the header write; QEMU's rebuild writes it unchecked)
+            for offset, length, type_bit in list(iter_metadata(
+                    self.img, OL_REFCOUNT_TABLE | OL_REFCOUNT_BLOCK)):
+                guard.leave(offset, length, type_bit)
+            guard.enter(table_start << bits, table_clusters * cs, OL_REFCOUNT_TABLE)
+            for cluster in blocks.values():
+                guard.enter(cluster << bits, cs, OL_REFCOUNT_BLOCK)
         self.img._update_header(refcount_table_offset=table_start << bits,
                                 refcount_table_clusters=table_clusters)
 
-    def repair_write(self, data, offset: int, ign: int, what: str | None = None) -> None:
+    def repair_write(self, data, offset: int, ign: int, what: str | None = None,
+                     on_overlap: str | None = None) -> None:
         """A repair write.  Once the image is marked corrupt every write fails (as in QEMU); a
-        write the guard refuses marks it.  Either way the check then fails with ``what``."""
+        write the guard refuses marks it (and prints ``on_overlap`` after QEMU's marking line).
+        Either way the check then fails with ``what``."""
         failure = _RepairFailed(f"{what}: Input/output error" if what else "")
         if self.img._corrupt:
             raise failure
@@ -733,6 +809,8 @@ class _Checker:
         except OverlapError as e:
             self.say(f"qcow2: Marking image as corrupt: {e}; further corruption events will be "
                      "suppressed")
+            if on_overlap:
+                self.say(on_overlap)
             raise failure from None
 
     # -- overlap map ----------------------------------------------------------------------------
@@ -761,6 +839,7 @@ def _check_once(img: "Image", fix: int, say, overlap_map: RangeMap | None, filen
     """qemu-img 7.2's check of refcounts and COPIED flags, with its repair order."""
     res = CheckResult(filename=filename)
     res.total_clusters = -(-img.size // img.cluster_size)
+    snapshot_repair = read_for_check(img, bool(fix & REPAIR_ERRORS), say, res)
     checker = _Checker(img, fix, say, overlap_map)
     if overlap_map is not None and types:
         checker.types = types
@@ -802,6 +881,8 @@ def _check_once(img: "Image", fix: int, say, overlap_map: RangeMap | None, filen
             highest, _ = checker.compare(res, counter, fix)
     checker.check_copied(res, fix)
     checker.write_repairs()
+    if fix & REPAIR_ERRORS:
+        repair_snapshot_table(img, snapshot_repair, say)
     res.image_end_offset = (highest + 1) * img.cluster_size
     res.overlaps = list(checker.overlaps)
     return res
@@ -874,6 +955,10 @@ def check_image(img: "Image", repair: str | None = None, *, overlap_mem: int | N
             res = CheckResult(filename=name, failed="Input/output error")
             if str(e):
                 res.errors.append(str(e))
+        except RewriteFailed:
+            res = CheckResult(filename=name, failed="Input/output error")
+        except CheckFailed as e:
+            res = CheckResult(filename=name, check_errors=1, failed=e.reason, errors=e.errors)
         except OverlapError as e:    # a repair write the guard refused (it marked the image)
             emit(f"qcow2: Marking image as corrupt: {e}; further corruption events will be "
                  "suppressed")

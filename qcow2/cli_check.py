@@ -73,11 +73,14 @@ def cmd_check(args) -> int:
         raise CliError(f"Invalid --overlap-check value '{args.overlap_check}': use none, "
                        "constant, cached or all")
     _check_format(args.filename, args.format)
-    try:
-        if probe_format(args.filename) != "qcow2":
-            raise CliError("This image format does not support checks", status=63)
-    except Qcow2Error as e:
-        raise CliError(str(e)) from None
+    # Only a probed format can be "not checkable": with -f qcow2 qemu-img opens the file as
+    # qcow2, and a bad magic is an open error, exit 1 (found by fuzzing: we exited 63)
+    if args.format is None:
+        try:
+            if probe_format(args.filename) != "qcow2":
+                raise CliError("This image format does not support checks", status=63)
+        except Qcow2Error as e:
+            raise CliError(str(e)) from None
     events_file = _EventsFile(args.events) if args.events else None
     try:
         emitter = EventEmitter(json_lines_writer(events_file or sys.stderr))
@@ -86,7 +89,8 @@ def cmd_check(args) -> int:
             img = Image(args.filename, mode, _repair=True,
                         overlap_check="cached" if args.repair else "none")
         except NotQcow2Error as e:
-            raise CliError(f"Could not open '{args.filename}': {e}", status=63) from None
+            raise CliError(f"Could not open '{args.filename}': {e}",
+                           status=63 if args.format is None else 1) from None
         except Qcow2Error as e:
             raise CliError(f"Could not open '{args.filename}': {e}") from None
 
@@ -104,7 +108,10 @@ def cmd_check(args) -> int:
         if events_file is not None:
             events_file.close()
     if result.failed is not None:
-        raise CliError("\n".join([*result.errors, f"Check failed: {result.failed}"]))
+        from .cli import _print_error
+        for message in result.errors:      # an error line, then its hint lines unprefixed
+            _print_error(message, prefix_all=False)
+        raise CliError(f"Check failed: {result.failed}")
     if output == "json":
         from .info import dumps_qemu_json
         sys.stdout.write(dumps_qemu_json(result.to_json()) + "\n")

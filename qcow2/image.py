@@ -42,13 +42,13 @@ from .errors import (BackingError, CorruptImageError, FormatError, OverlapError,
 from .bitmap import BitmapDirectoryEntry, decode_bitmap_directory
 from .header import decode_header, encode_header_fields
 from .overlap_types import OL_MAIN_HEADER, OL_MASK_LIMIT, parse_overlap_check
-from .snapshot import SnapshotEntry, decode_snapshot_table
+from .snapshot import SnapshotEntry
+from .snapshot_table import read_snapshot_table, table_location_valid
 from .storage import Storage
 from .tables import decode_compressed, decode_u64_table
 
 DEFAULT_L2_CACHE_SIZE = 32 * 1024 * 1024
 _ZEROS = bytes(1 << 20)
-_SNAPSHOT_FIXED_SIZE = 40
 
 
 class Status(NamedTuple):
@@ -292,6 +292,23 @@ class _Qcow2Reader(_Device):
         """A read-only, seekable ``io.RawIOBase`` view of the guest disk."""
         return ImageFile(self)
 
+    def _shared_lock(self):
+        """The image's lock when it is writable (readers share its L2 cache with the writer, and
+        a cache miss may write a dirty table back); nothing to take on a read-only image."""
+        img = self._image
+        return img._lock if img._writer is not None else contextlib.nullcontext()
+
+    def iter_map(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """See :meth:`_Device.iter_map`; on a writable image each step runs under the image's
+        lock (extents are consistent; writes may land between two of them)."""
+        inner = super().iter_map(offset, length)
+        while True:
+            with self._shared_lock():
+                ext = next(inner, None)
+            if ext is None:
+                return
+            yield ext
+
 
 class Image(_Qcow2Reader):
     """An open qcow2 image.  Use :func:`qcow2.open`; a context manager; safe across threads."""
@@ -321,6 +338,7 @@ class Image(_Qcow2Reader):
         self._guard_options = {"overlap_check": overlap_check, "budget": overlap_mem}
         self._guard = None
         self._preallocated: bool | None = None
+        self._check_open = _repair   # qemu-img check's open: the checker reads the snapshot table
         try:
             self._open(open_backing or _layer_only, l2_cache_size)
             if open_backing and not _layer_only:
@@ -333,25 +351,30 @@ class Image(_Qcow2Reader):
 
     def _open(self, with_io: bool, l2_cache_size: int) -> None:
         head = self._file.pread(min(self._file.size, 1 << C.MAX_CLUSTER_BITS), 0)
-        self.header = h = decode_header(head, no_io=not with_io)
+        self.header = h = decode_header(head, check=self._check_open, no_io=not with_io)
         self.cluster_size = h.cluster_size
         self.size = h.size & ~(C.SECTOR_SIZE - 1)  # QEMU counts whole sectors
         self._last_compressed: tuple[int, bytes] | None = None
         # QEMU opens a relative data file name as given, i.e. relative to the working directory
         self.data_filename = h.data_file
-        if h.data_file is not None and with_io and self._data is self._file:
+        # only the incompatible bit makes the extension's name a data file; without it QEMU
+        # reads the data from the image itself (found by fuzzing: we opened a file named '')
+        if h.has_data_file and h.data_file is not None and with_io and self._data is self._file:
             self._data = Storage(h.data_file, writable=self.mode == "r+", what="data file")
         cs = h.cluster_size
         self._l2_cache = TableCache(lambda offset: decode_u64_table(self._file.pread(cs, offset)),
                                     l2_cache_size // cs)
         self.l1_table = self._read_l1(h.l1_table_offset, h.l1_size)
         self._mapping = self._make_mapping(self.l1_table)
-        self.snapshots: tuple[SnapshotEntry, ...] = self._read_snapshot_table()
+        self.snapshots_size = 0     # bytes the snapshot table spans on disk (QEMU's count)
+        self.snapshots: tuple[SnapshotEntry, ...] = self._load_snapshots()
         self._bitmaps = self._read_bitmap_directory()  # QEMU refuses a broken one at open
 
     def _read_l1(self, offset: int, nb_entries: int):
-        """An L1 table; entries past end of file read as 0 and are not even allocated."""
-        return decode_u64_table(self._file.pread_in_file(nb_entries * 8, offset, 8))
+        """An L1 table; entries past end of file read as 0 and are not even allocated (an entry
+        cut by the end of the file reads zero-padded, as QEMU reads it)."""
+        raw = self._file.pread_in_file(nb_entries * 8, offset)
+        return decode_u64_table(raw + bytes(-len(raw) % 8))
 
     def _open_chain(self) -> None:
         """Open the backing chain layer by layer (no recursion: chains may be very deep)."""
@@ -374,29 +397,29 @@ class Image(_Qcow2Reader):
                        extended_l2=h.extended_l2, has_data_file=h.has_data_file,
                        l2_cache=self._l2_cache, zero_flag=h.version >= 3)
 
+    def _load_snapshots(self) -> tuple[SnapshotEntry, ...]:
+        """The snapshot table at open.  In qemu-img check's open a table QEMU would refuse is left
+        empty here: the checker reads it itself, reports it and repairs it."""
+        if not self._check_open:
+            return self._read_snapshot_table()
+        h = self.header
+        if h.nb_snapshots > C.QCOW_MAX_SNAPSHOTS or not table_location_valid(
+                h.snapshots_offset, h.nb_snapshots, h.cluster_size):
+            return ()
+        try:
+            return self._read_snapshot_table()
+        except FormatError:
+            return ()
+
     def _read_snapshot_table(self) -> tuple[SnapshotEntry, ...]:
-        """Read exactly the bytes of the snapshot table (walking entry headers), then decode."""
+        """Read and decode the snapshot table (bounded by the 64 MiB limit, see
+        :mod:`qcow2.snapshot_table`); sets :attr:`snapshots_size`."""
         h = self.header
         if not h.nb_snapshots:
             return ()
-        limit = C.QCOW_MAX_SNAPSHOTS_SIZE
-        buf = bytearray()
-        pos = 0
-        for index in range(h.nb_snapshots):
-            need = pos + _SNAPSHOT_FIXED_SIZE
-            if need > limit:
-                raise FormatError("Snapshot table is too big")
-            if need > len(buf):
-                buf += self._file.pread(max(need - len(buf), 65536), h.snapshots_offset + len(buf))
-            id_len = int.from_bytes(buf[pos + 12:pos + 14], "big")
-            name_len = int.from_bytes(buf[pos + 14:pos + 16], "big")
-            extra_len = int.from_bytes(buf[pos + 36:pos + 40], "big")
-            if extra_len > C.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
-                raise FormatError(f"Too much extra metadata in snapshot table entry {index}")
-            pos = (need + extra_len + id_len + name_len + 7) & ~7
-        if pos > len(buf):
-            buf += self._file.pread(pos - len(buf), h.snapshots_offset + len(buf))
-        return decode_snapshot_table(bytes(buf[:pos]), h.nb_snapshots)
+        table = read_snapshot_table(self._file, h.snapshots_offset, h.nb_snapshots)
+        self.snapshots_size = table.table_size
+        return tuple(table.entries)
 
     # -- compressed clusters -----------------------------------------------------------------------
     def _compressed_cluster(self, descriptor: int) -> bytes:
@@ -786,6 +809,11 @@ class SnapshotView(_Qcow2Reader):
         self.size = size & ~(C.SECTOR_SIZE - 1)
         l1 = image._read_l1(entry.l1_table_offset, entry.l1_size)
         self._mapping = image._make_mapping(l1)
+
+    def readinto(self, buf, offset: int) -> None:
+        """Read the snapshot's guest bytes (under the image's lock when it is writable)."""
+        with self._shared_lock():
+            super().readinto(buf, offset)
 
     def close(self) -> None:
         """Views own nothing; closing the image closes them."""
