@@ -328,21 +328,41 @@ class _Checker:
 
     def _count_plain(self, res: CheckResult, counter: _Counter, offsets: list[int],
                      frag: int) -> bool:
-        """Count a plain table's clusters in bulk when they are consecutive; False otherwise."""
+        """Count a plain table's clusters a run of consecutive clusters at a time: a run whose
+        counts are all equal (fresh, or shared by every snapshot alike) takes one slice
+        assignment.  False, with nothing counted, when a count would overflow (the entry-by-entry
+        path reports it)."""
         cs, bits = self.cs, self.bits
-        first = offsets[0]
-        if offsets != list(range(first, first + len(offsets) * cs, cs)):
+        counts, cmax = counter.counts, counter.max
+        runs = []
+        ascending = True
+        start = prev = offsets[0]
+        for offset in offsets[1:]:
+            if offset != prev + cs:
+                runs.append((start >> bits, ((prev - start) >> bits) + 1))
+                ascending = ascending and offset > prev
+                start = offset
+            prev = offset
+        runs.append((start >> bits, ((prev - start) >> bits) + 1))
+        if not ascending and len(set(offsets)) != len(offsets):
+            return False              # a cluster twice in one table: counted one by one
+        if any(max(counts[k0:k0 + n]) >= cmax for k0, n in runs):
             return False
-        k0, n = first >> bits, len(offsets)
-        counts = counter.counts
-        if counts[k0:k0 + n].count(0) != n:
-            return False
-        counts[k0:k0 + n] = array.array(counts.typecode, (1,)) * n
-        counter.highest = max(counter.highest, k0 + n - 1)
+        for k0, n in runs:
+            part = counts[k0:k0 + n]
+            value = part[0]
+            if part.count(value) == n:
+                counts[k0:k0 + n] = array.array(counts.typecode, (value + 1,)) * n
+            else:
+                for k in range(k0, k0 + n):
+                    counts[k] += 1
+        counter.highest = max(counter.highest, max(k0 + n - 1 for k0, n in runs))
         if frag:
-            res.allocated_clusters += n
+            res.allocated_clusters += len(offsets)
+            res.fragmented_clusters += len(runs) - 1
         if self.map is not None:
-            self._data_run(first, first + n * cs)
+            for k0, n in runs:
+                self._data_run(k0 << bits, (k0 + n) << bits)
         return True
 
     def check_l2(self, res: CheckResult, counter: _Counter, l2_offset: int, flags: int) -> None:
