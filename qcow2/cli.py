@@ -234,6 +234,9 @@ def _open_source(path: str, fmt: str | None):
 
 
 def cmd_convert(args) -> int:
+    _target_cache(args.cache)
+    if args.source_cache not in _CACHE_MODES:
+        raise CliError(f"Invalid source cache option: {args.source_cache}")
     if args.output_format not in ("raw", "qcow2"):
         raise CliError(f"output format '{args.output_format}' is not supported "
                        f"(qcow2-tool writes raw and qcow2)")
@@ -277,6 +280,19 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# qemu-img's cache modes -> ours: the O_DIRECT / O_DSYNC ones write through the page cache here
+# and are made durable by the flush at the end, like writeback
+_CACHE_MODES = {"unsafe": "unsafe", "writeback": "writeback", "none": "writeback",
+                "writethrough": "writeback", "directsync": "writeback"}
+
+
+def _target_cache(mode: str) -> str:
+    """``-t``: the target's cache mode (qemu-img convert's default is ``unsafe``: no fsync)."""
+    if mode not in _CACHE_MODES:
+        raise CliError(f"Invalid cache option: {mode}")
+    return _CACHE_MODES[mode]
+
+
 def _convert_to_qcow2(args, reader, size: int, sources, progress) -> None:
     from .cli_create import CreateError, create_kwargs
     from .create import create
@@ -286,7 +302,7 @@ def _convert_to_qcow2(args, reader, size: int, sources, progress) -> None:
     except CreateError as e:
         raise CliError(str(e)) from None
     try:
-        target = create(args.target, size, **kwargs)
+        target = create(args.target, size, cache=_target_cache(args.cache), **kwargs)
     except Qcow2Error as e:
         raise CliError(f"{args.target}: error while converting qcow2: {e}") from None
     with target:
@@ -358,6 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", dest="quiet", action="store_true", help="quiet")
     p.add_argument("-S", dest="sparse_size", default=None, metavar="SIZE",
                    help="zero run length left as a hole (default 4k; 0 = fully allocate)")
+    p.add_argument("-t", dest="cache", default="unsafe", metavar="CACHE",
+                   help="target cache mode: unsafe (default, as qemu-img: no fsync), writeback, "
+                        "none, writethrough, directsync (these fsync at the end)")
+    p.add_argument("-T", dest="source_cache", default="writeback", metavar="CACHE",
+                   help="source cache mode (accepted; the source is only read)")
     p.add_argument("source")
     p.add_argument("target")
     p.set_defaults(func=cmd_convert)

@@ -165,6 +165,7 @@ def create_image_file(path: str, size: int | None, **options) -> CreateOptions:
     ``size`` None takes the backing file's size.  An existing file is truncated, as qemu-img
     does.  On failure the files this call created are removed."""
     unsafe = options.pop("unsafe", False)
+    cache = options.pop("cache", "writeback")
     if size is None:
         backing = options.get("backing_file")
         if backing is None or unsafe:
@@ -181,7 +182,7 @@ def create_image_file(path: str, size: int | None, **options) -> CreateOptions:
             created.append(o.data_file)
         created.append(path)
         _write_skeleton(path, o, head)
-        _give_size(path, o)
+        _give_size(path, o, cache)
     except BaseException:
         for name in created:
             try:
@@ -216,10 +217,11 @@ def _write_skeleton(path: str, o: CreateOptions, head: bytes) -> None:
         file.close()
 
 
-def _give_size(path: str, o: CreateOptions) -> None:
+def _give_size(path: str, o: CreateOptions, cache: str) -> None:
     """Open the skeleton read-write and let the writer allocate the L1 table and preallocate."""
     from .image import Image
-    img = Image(path, "r+", open_backing=False, overlap_check="cached", _layer_only=True)
+    img = Image(path, "r+", open_backing=False, overlap_check="cached", cache=cache,
+                _layer_only=True)
     try:
         with img._lock:
             img._writer.resize(o.size, False, hide_backing=False)
@@ -248,5 +250,6 @@ def create(path: str, size: int | None, *, cluster_size: int = 65536, compat: st
                       refcount_bits=refcount_bits, lazy_refcounts=lazy_refcounts,
                       extended_l2=extended_l2, compression_type=compression_type,
                       preallocation=preallocation, backing_file=backing_file,
-                      backing_fmt=backing_fmt, data_file=data_file, data_file_raw=data_file_raw)
+                      backing_fmt=backing_fmt, data_file=data_file, data_file_raw=data_file_raw,
+                      cache=open_options.get("cache", "writeback"))
     return Image(path, "r+", **open_options)

@@ -48,6 +48,10 @@ from .storage import Storage
 from .tables import decode_compressed, decode_u64_table
 
 DEFAULT_L2_CACHE_SIZE = 32 * 1024 * 1024
+#: QEMU's cache modes we implement: ``writeback`` (a flush is an fsync: the crash order holds) and
+#: ``unsafe`` (flushes, and so the fsync barriers of the crash order, are skipped: for scratch
+#: images such as a ``convert`` target, which QEMU also writes with ``unsafe`` by default)
+CACHE_MODES = ("writeback", "unsafe")
 _ZEROS = bytes(1 << 20)
 
 
@@ -317,9 +321,13 @@ class Image(_Qcow2Reader):
                  l2_cache_size: int = DEFAULT_L2_CACHE_SIZE, overlap_check="cached",
                  overlap_mem: int | None = None, node_name: str | None = None,
                  device: str | None = None, on_event: Subscriber | None = None,
-                 _layer_only: bool = False, _repair: bool = False):
+                 cache: str = "writeback", _layer_only: bool = False, _repair: bool = False):
         if mode not in ("r", "r+"):
             raise RequestError(f"mode must be 'r' or 'r+', not {mode!r}")
+        if cache not in CACHE_MODES:
+            raise RequestError(f"Invalid cache option: {cache!r} (supported: "
+                               f"{', '.join(CACHE_MODES)})")
+        self._sync = cache != "unsafe"
         parse_overlap_check(overlap_check)  # a bad option fails the open, not the first write
         self.filename = path
         self.mode = mode
@@ -329,7 +337,7 @@ class Image(_Qcow2Reader):
         self._writer = None
         self._corrupt = False
         self._l2_cache_size = l2_cache_size
-        self._file = Storage(path, writable=mode == "r+")
+        self._file = Storage(path, writable=mode == "r+", sync=self._sync)
         self._data = self._file
         self.backing = None
         self.device = device
@@ -360,7 +368,8 @@ class Image(_Qcow2Reader):
         # only the incompatible bit makes the extension's name a data file; without it QEMU
         # reads the data from the image itself (found by fuzzing: we opened a file named '')
         if h.has_data_file and h.data_file is not None and with_io and self._data is self._file:
-            self._data = Storage(h.data_file, writable=self.mode == "r+", what="data file")
+            self._data = Storage(h.data_file, writable=self.mode == "r+", what="data file",
+                                 sync=self._sync)
         cs = h.cluster_size
         self._l2_cache = TableCache(lambda offset: decode_u64_table(self._file.pread(cs, offset)),
                                     l2_cache_size // cs)
@@ -897,7 +906,8 @@ def open(path: str, mode: str = "r", **options) -> Image:  # noqa: A001 - mirror
     """Open a qcow2 image.  ``mode`` is ``"r"`` (read-only) or ``"r+"``.
 
     Options: ``open_backing`` (default True; False is qemu-img info's no-backing open),
-    ``l2_cache_size`` (bytes); ``overlap_check`` (``"none"``, ``"constant"``, ``"cached"`` (default),
+    ``l2_cache_size`` (bytes); ``cache`` (``"writeback"``, the default, or ``"unsafe"``: no fsync,
+    so a crash may corrupt); ``overlap_check`` (``"none"``, ``"constant"``, ``"cached"`` (default),
     ``"all"``, or a mapping ``{"template": ..., "<type option>": bool}``), ``overlap_mem`` (the
     overlap map's memory budget in bytes, None for unlimited), ``device`` and ``node_name`` (the
     names events carry; the node name defaults to the file name), ``on_event`` (a callable receiving

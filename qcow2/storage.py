@@ -37,9 +37,10 @@ class Storage:
     """
 
     def __init__(self, path: str, writable: bool = False, *, create: bool = False,
-                 what: str = "image"):
+                 what: str = "image", sync: bool = True):
         self.path = path
         self.writable = writable or create
+        self.sync = sync          # False: flush() does not fsync (QEMU's cache=unsafe)
         flags = os.O_RDWR if self.writable else os.O_RDONLY
         if create:
             flags |= os.O_CREAT
@@ -188,7 +189,9 @@ class Storage:
         self._size = length
 
     def flush(self) -> None:
-        if self.writable:
+        """Make every write so far durable (fsync), unless the file was opened with
+        ``sync=False``."""
+        if self.writable and self.sync:
             os.fsync(self.fd)
 
     def close(self) -> None:

@@ -103,3 +103,60 @@ def test_bad_option_is_refused_and_writes_nothing(tmp_path):
     assert "Cluster size must be a power of two between 512 and 2048k" in err
     code, _, err = _ours("convert", "-c", "-O", "raw", str(src), str(dst))
     assert code == 1 and "Compression not supported" in err
+
+
+def _fsyncs(monkeypatch) -> list:
+    calls = []
+    real = os.fsync
+
+    def counting(fd):
+        calls.append(fd)
+        return real(fd)
+    monkeypatch.setattr(os, "fsync", counting)
+    return calls
+
+
+@pytest.mark.parametrize("mode, synced", [(None, False), ("unsafe", False), ("writeback", True),
+                                          ("none", True), ("directsync", True)])
+def test_target_cache_mode(tmp_path, monkeypatch, mode, synced):
+    """qemu-img convert writes its target with cache=unsafe unless ``-t`` says otherwise: no
+    fsync; the other modes make the target durable.  The image is the same either way."""
+    src = _raw_source(tmp_path / "src.raw")
+    dst = tmp_path / "dst.qcow2"
+    calls = _fsyncs(monkeypatch)
+    flags = ["-t", mode] if mode else []
+    assert _ours("convert", *flags, "-O", "qcow2", str(src), str(dst)) == (0, "", "")
+    assert bool(calls) == synced
+    assert qemu_img("compare", "-F", "raw", str(dst), str(src)).returncode == 0
+    assert qemu_img("check", str(dst)).returncode == 0
+
+
+@pytest.mark.parametrize("flag, message", [("-t", "Invalid cache option: bogus"),
+                                           ("-T", "Invalid source cache option: bogus")])
+def test_bad_cache_mode_is_refused_like_qemu_img(tmp_path, flag, message):
+    src = _raw_source(tmp_path / "src.raw", MiB)
+    theirs = qemu_img("convert", flag, "bogus", "-O", "qcow2", str(src), str(tmp_path / "q"),
+                      check=False)
+    code, out, err = _ours("convert", flag, "bogus", "-O", "qcow2", str(src),
+                           str(tmp_path / "o"))
+    assert (code, out) == (theirs.returncode, theirs.stdout) == (1, "")
+    assert err.replace("qcow2-tool:", "qemu-img:") == theirs.stderr == f"qemu-img: {message}\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_library_cache_unsafe_skips_fsync(tmp_path, monkeypatch):
+    """``cache="unsafe"``: writes and flushes never fsync (QEMU's meaning); the closed image is
+    still consistent.  An unknown mode is a RequestError."""
+    path = str(tmp_path / "u.qcow2")
+    calls = _fsyncs(monkeypatch)
+    with qcow2.create(path, 4 * MiB, cache="unsafe") as img:
+        img.pwrite(b"\x11" * 70000, 12345)
+        img.flush()
+    assert calls == []
+    assert qemu_img("check", path).returncode == 0
+    with qcow2.open(path, "r+") as img:         # writeback, the default, does fsync
+        img.pwrite(b"\x22", 0)
+        img.flush()
+    assert calls
+    with pytest.raises(qcow2.RequestError, match="cache"):
+        qcow2.open(path, "r+", cache="directsync")
