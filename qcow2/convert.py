@@ -17,6 +17,7 @@ at a time (compression runs in threads).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from .storage import Storage
@@ -107,21 +108,42 @@ def copy_to_image(reader, target, *, compress: bool = False,
     cs = target.cluster_size
     unit = cs if compress else target.header.subcluster_size   # what may stay unallocated
     chunk = max(CHUNK_SIZE, cs)
-    buf = bytearray(chunk)
-    view = memoryview(buf)
     zeros = bytes(cs)
-    for start, end in _data_ranges(reader.iter_map()):
-        pos = start - start % cs
-        while pos < end:
-            n = min(chunk - pos % chunk, -(-end // cs) * cs - pos, size - pos)
-            reader.readinto(view[:n], pos)
-            _write_clusters(target, view, n, pos, unit, zeros[:unit], compress)
-            pos += n
-            if progress is not None:
-                progress(pos)
+    # two buffers: the next chunk is read in a thread (preadv releases the GIL) while this one is
+    # written, so reading the source and writing the target overlap
+    views = [memoryview(bytearray(chunk)), memoryview(bytearray(chunk))]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for k, (pos, n) in enumerate(_chunks(reader.iter_map(), size, cs, chunk)):
+            view = views[k % 2]
+            reading = pool.submit(reader.readinto, view[:n], pos)
+            if pending is not None:
+                _write_pending(target, pending, unit, zeros[:unit], compress, progress)
+            pending = (reading, view, n, pos)
+        if pending is not None:
+            _write_pending(target, pending, unit, zeros[:unit], compress, progress)
     target.flush()
     if progress is not None:
         progress(size)
+
+
+def _chunks(extents, size: int, cs: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """``(guest_offset, length)`` pieces of at most ``chunk`` bytes, whole clusters (the last may
+    end at ``size``), covering every extent that is not known to read as zeros."""
+    for start, end in _data_ranges(extents):
+        pos = start - start % cs
+        while pos < end:
+            n = min(chunk - pos % chunk, -(-end // cs) * cs - pos, size - pos)
+            yield pos, n
+            pos += n
+
+
+def _write_pending(target, pending, unit: int, zeros: bytes, compress: bool, progress) -> None:
+    reading, view, n, pos = pending
+    reading.result()                      # the read's error, if any, is raised here
+    _write_clusters(target, view, n, pos, unit, zeros, compress)
+    if progress is not None:
+        progress(pos + n)
 
 
 def _write_clusters(target, view: memoryview, n: int, guest_offset: int, cs: int, zeros: bytes,
