@@ -123,16 +123,19 @@ def copy_image(src: str, dst: str) -> None:
 
 
 def run_rounds(plan: dict, repeat: int, env, after=None) -> tuple[dict, dict]:
-    """Run every ``plan`` entry (key -> (untimed setup, argv)) ``repeat`` times, interleaved with
-    the order rotated each round; ``after(key)`` runs untimed after each run.  Returns the
-    summaries (with the peak RSS) and each key's stdouts."""
+    """Run every ``plan`` entry (key -> (untimed setup, argv)) ``repeat`` times, interleaved:
+    the plan's order in odd rounds, reversed in even ones, so the entries compared with each other
+    (adjacent in the plan) run back to back, each first in half the rounds, and share the
+    machine's state of the moment (the disk's write-back, here, varies by seconds from minute to
+    minute).  ``after(key)`` runs untimed after each run.  Returns the summaries (with the peak
+    RSS) and each key's stdouts."""
     samples = {k: [] for k in plan}
     cpu = {k: [] for k in plan}
     rss = {k: [] for k in plan}
     stdouts = {k: [] for k in plan}
     order = list(plan)
     for r in range(repeat):
-        for key in order[r % len(order):] + order[:r % len(order)]:
+        for key in (order if r % 2 == 0 else order[::-1]):
             setup, argv = plan[key]
             setup()
             os.sync()          # untimed: nobody starts behind another run's dirty pages

@@ -111,15 +111,15 @@ def copy_to_image(reader, target, *, compress: bool = False,
     zeros = bytes(cs)
     # two buffers: the next chunk is read in a thread (preadv releases the GIL) while this one is
     # written, so reading the source and writing the target overlap
-    views = [memoryview(bytearray(chunk)), memoryview(bytearray(chunk))]
+    bufs = [bytearray(chunk), bytearray(chunk)]
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         for k, (pos, n) in enumerate(_chunks(reader.iter_map(), size, cs, chunk)):
-            view = views[k % 2]
-            reading = pool.submit(reader.readinto, view[:n], pos)
+            buf = bufs[k % 2]
+            reading = pool.submit(reader.readinto, memoryview(buf)[:n], pos)
             if pending is not None:
                 _write_pending(target, pending, unit, zeros[:unit], compress, progress)
-            pending = (reading, view, n, pos)
+            pending = (reading, buf, n, pos)
         if pending is not None:
             _write_pending(target, pending, unit, zeros[:unit], compress, progress)
     target.flush()
@@ -139,19 +139,23 @@ def _chunks(extents, size: int, cs: int, chunk: int) -> Iterator[tuple[int, int]
 
 
 def _write_pending(target, pending, unit: int, zeros: bytes, compress: bool, progress) -> None:
-    reading, view, n, pos = pending
+    reading, buf, n, pos = pending
     reading.result()                      # the read's error, if any, is raised here
-    _write_clusters(target, view, n, pos, unit, zeros, compress)
+    _write_clusters(target, buf, n, pos, unit, zeros, compress)
     if progress is not None:
         progress(pos + n)
 
 
-def _write_clusters(target, view: memoryview, n: int, guest_offset: int, cs: int, zeros: bytes,
+def _write_clusters(target, buf: bytearray, n: int, guest_offset: int, cs: int, zeros: bytes,
                     compress: bool) -> None:
-    """Write the non-zero ``cs``-byte units of ``view[:n]`` (runs of them in one call)."""
+    """Write the non-zero ``cs``-byte units of ``buf[:n]`` (runs of them in one call).  The zero
+    test is ``bytearray.startswith`` (a memcmp; comparing memoryviews goes byte by byte, 100x
+    slower on a zero cluster)."""
+    view = memoryview(buf)
     run = -1
     for off in range(0, n + cs, cs):
-        zero = off >= n or view[off:min(off + cs, n)] == zeros[:min(cs, n - off)]
+        zero = off >= n or buf.startswith(zeros if n - off >= cs else zeros[:n - off],
+                                          off, off + cs)
         if not zero and run < 0:
             run = off
         elif zero and run >= 0:

@@ -57,6 +57,23 @@ def test_raw_to_qcow2(tmp_path, options):
         assert _allocated(ours) == _allocated(theirs)
 
 
+@pytest.mark.parametrize("tail", [b"\x01", b"\0"])
+def test_raw_with_partial_last_cluster(tmp_path, tail):
+    """A disk that ends inside a cluster: the last partial cluster stays unallocated when its
+    bytes are zeros (whatever the reused buffer held before) and is copied when they are not."""
+    src = tmp_path / "src.raw"
+    size = 4 * MiB + 65536 + 1536         # three chunks: the last reuses the first one's buffer
+    with open(src, "wb") as f:
+        f.write(os.urandom(4 * MiB + 65536) + bytes(1535) + tail)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    assert _ours("convert", "-f", "raw", "-O", "qcow2", str(src), str(ours))[0] == 0
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", str(src), str(theirs))
+    assert qemu_img("compare", "-f", "qcow2", "-F", "raw", str(ours), str(src)).returncode == 0
+    assert _allocated(ours) == _allocated(theirs)
+    assert _allocated(ours)[-1][0] + _allocated(ours)[-1][1] == (size if tail != b"\0"
+                                                                 else 4 * MiB + 65536)
+
+
 def test_qcow2_to_qcow2_compressed_zstd(tmp_path):
     src = tmp_path / "src.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(src), "4M")
