@@ -2,7 +2,7 @@
 """Write benchmark: our writer vs qemu-img, side by side in one run.
 
     python3 bench/bench_write.py [--size 1G] [--writes 262144] [--snap-writes 20000]
-                                 [--repeat 3] [--workdir bench/work] [--out bench/results]
+                                 [--repeat 3] [--settle 2] [--workdir bench/work] [--out bench/results]
 
 Three measurements, each a pair of fresh processes run in interleaved rounds (best and median of
 ``--repeat``; page cache warm):
@@ -122,13 +122,15 @@ def copy_image(src: str, dst: str) -> None:
     shutil.copyfile(src, dst)
 
 
-def run_rounds(plan: dict, repeat: int, env, after=None) -> tuple[dict, dict]:
+def run_rounds(plan: dict, repeat: int, env, after=None, settle: float = 0.0) -> tuple[dict, dict]:
     """Run every ``plan`` entry (key -> (untimed setup, argv)) ``repeat`` times, interleaved:
     the plan's order in odd rounds, reversed in even ones, so the entries compared with each other
     (adjacent in the plan) run back to back, each first in half the rounds, and share the
     machine's state of the moment (the disk's write-back, here, varies by seconds from minute to
-    minute).  ``after(key)`` runs untimed after each run.  Returns the summaries (with the peak
-    RSS) and each key's stdouts."""
+    minute).  ``after(key)`` runs untimed after each run; each run starts after a ``sync`` and
+    ``settle`` seconds of rest (a file system mounted with ``discard`` trims what the last run
+    freed after the sync returns).  Returns the summaries (with the peak RSS) and each key's
+    stdouts."""
     samples = {k: [] for k in plan}
     cpu = {k: [] for k in plan}
     rss = {k: [] for k in plan}
@@ -139,6 +141,7 @@ def run_rounds(plan: dict, repeat: int, env, after=None) -> tuple[dict, dict]:
             setup, argv = plan[key]
             setup()
             os.sync()          # untimed: nobody starts behind another run's dirty pages
+            time.sleep(settle)
             wall, cpu_s, rss_kib, stdout = measure(argv, env)
             samples[key].append(wall)
             cpu[key].append(cpu_s)
@@ -174,6 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="1G", help="raw source / image size, default 1G")
     ap.add_argument("--writes", type=int, default=262144, help="sequential 4 KiB writes")
     ap.add_argument("--snap-writes", type=int, default=20000, help="writes over the snapshots")
+    ap.add_argument("--settle", type=float, default=2.0,
+                    help="seconds of rest after the sync before each run, default 2")
     add_common_args(ap)
     args = ap.parse_args(argv)
     size = parse_size(args.size)
@@ -246,7 +251,7 @@ def main(argv=None) -> int:
                 os.unlink(path)
 
     summary, stdouts = run_rounds({k: (setup, command()) for k, (setup, command) in plan.items()},
-                                  args.repeat, env, remove_converted)
+                                  args.repeat, env, remove_converted, args.settle)
     for key in ("ours-seq-write", "ours-snap-all", "ours-snap-none"):   # loop + close, in process
         summary[key + "-inproc"] = summarise([sum(map(float, text.split()))
                                               for text in stdouts[key]])
