@@ -30,8 +30,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from bench_read import _env, machine_info, parse_size, prepare, qemu_img, summarise  # noqa: E402
-from bench_write import add_common_args, run_rounds, save_results, snapshot_image  # noqa: E402
+from bench_read import machine_info, qemu_img, summarise  # noqa: E402
+from bench_write import run_rounds, save_results, snapshot_image, start  # noqa: E402
 
 
 def small_cluster_image(workdir: str, raw: str, size: int) -> str:
@@ -69,15 +69,8 @@ def check_json(cmd: list[str], env) -> tuple[int, dict | None]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1G", help="size of the small-cluster image, default 1G")
-    add_common_args(ap)
-    args = ap.parse_args(argv)
-    size = parse_size(args.size)
-    workdir = os.path.abspath(args.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    env = _env(workdir)
+    args, size, workdir, env, load_before, raw = start(ap, argv)
     py = sys.executable
-    load_before = os.getloadavg()
-    raw, _, _ = prepare(workdir, size)
     images = {"small-clusters": small_cluster_image(workdir, raw, size),
               "snapshots": snapshot_image(workdir)}
     plan = {}

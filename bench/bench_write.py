@@ -163,6 +163,19 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-write", action="store_true", help="do not write results files")
 
 
+def start(ap: argparse.ArgumentParser, argv) -> tuple:
+    """Parse the arguments (``--size`` among them), make the work directory and bench_read's raw
+    file of that size: ``(args, size, workdir, env, load_before, raw)``."""
+    add_common_args(ap)
+    args = ap.parse_args(argv)
+    size = parse_size(args.size)
+    workdir = os.path.abspath(args.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    load_before = os.getloadavg()
+    raw, _, _ = prepare(workdir, size)
+    return args, size, workdir, _env(workdir), load_before, raw
+
+
 def save_results(doc: dict, out_dir: str, name: str, title: str, docstring: str) -> None:
     """``<out_dir>/<name>.json`` (everything) and ``<name>.md`` (the report)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -179,15 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--snap-writes", type=int, default=20000, help="writes over the snapshots")
     ap.add_argument("--settle", type=float, default=2.0,
                     help="seconds of rest after the sync before each run, default 2")
-    add_common_args(ap)
-    args = ap.parse_args(argv)
-    size = parse_size(args.size)
-    workdir = os.path.abspath(args.workdir)
-    os.makedirs(workdir, exist_ok=True)
-    env = _env(workdir)
+    args, size, workdir, env, load_before, raw = start(ap, argv)
     py = sys.executable
-    load_before = os.getloadavg()
-    raw, _, _ = prepare(workdir, size)
     warm(raw)
     snap_base = snapshot_image(workdir)
     out = {k: os.path.join(workdir, f"w-{k}.qcow2") for k in

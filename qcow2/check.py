@@ -309,7 +309,7 @@ class _Checker:
         for position, table in self._low_checks:
             if raw[position::8].translate(table).count(0) != n:
                 return None                  # zero flag, reserved low bits, unaligned
-        offsets = [e & _MASK for e in decode_u64_table(raw) if e]
+        offsets = [o for o in map(_MASK.__and__, decode_u64_table(raw)) if o]   # 0: unallocated
         if offsets and max(offsets) + self.cs - self.file_size > 0:
             return None                      # past the end of the file: say what is wrong
         return offsets

@@ -226,13 +226,23 @@ def _options(session: Session, args: list[str], optstring: str, name: str):
         return None
 
 
-def _offset_and_count(out: TextIO, operands: list[str]) -> tuple[int, int] | None:
-    """The ``off len`` operands as sizes, or None after qemu-io's parse error."""
-    offset = parse_count(operands[0], out)
+def _offset_and_count(session: Session, name: str, operands: list[str],
+                      limit_note: str | None = "") -> tuple[int, int] | None:
+    """The ``off len`` operands of command ``name`` as sizes, or None after qemu-io's message
+    (usage, parse error, or a length over :data:`REQUEST_MAX_BYTES` followed by ``limit_note``;
+    ``limit_note=None``: no limit)."""
+    if len(operands) != 2:
+        session.usage(name)
+        return None
+    offset = parse_count(operands[0], session.out)
     if offset is None:
         return None
-    count = parse_count(operands[1], out)
+    count = parse_count(operands[1], session.out)
     if count is None:
+        return None
+    if limit_note is not None and count > REQUEST_MAX_BYTES:
+        session.out.write(f"length cannot exceed {REQUEST_MAX_BYTES}{limit_note}, "
+                          f"given {operands[1]}\n")
         return None
     return offset, count
 
@@ -272,17 +282,12 @@ def _cmd_read(session: Session, args: list[str]) -> bool:
         elif opt == "v":
             verbose = True
         # "p" is accepted and ignored, as qemu-io does
-    if len(operands) != 2:
-        return session.usage("read")
     if pattern is None and (lflag or sflag):
         return session.usage("read")
-    numbers = _offset_and_count(out, operands)
+    numbers = _offset_and_count(session, "read", operands)
     if numbers is None:
         return False
     offset, count = numbers
-    if count > REQUEST_MAX_BYTES:
-        out.write(f"length cannot exceed {REQUEST_MAX_BYTES}, given {operands[1]}\n")
-        return False
     if vmstate:
         out.write("read failed: Operation not supported\n")
         return False
@@ -385,15 +390,11 @@ def _cmd_write(session: Session, args: list[str]) -> bool:
         if flag in flags and not zero:
             out.write(f"-{flag} requires -z to be specified\n")
             return False
-    if len(operands) != 2:
-        return session.usage("write")
-    numbers = _offset_and_count(out, operands)
+    numbers = _offset_and_count(session, "write", operands,
+                                None if "n" in flags else " without -n")
     if numbers is None:
         return False
     offset, count = numbers
-    if count > REQUEST_MAX_BYTES and "n" not in flags:
-        out.write(f"length cannot exceed {REQUEST_MAX_BYTES} without -n, given {operands[1]}\n")
-        return False
     if ("b" in flags or "c" in flags) and not zero:
         for name, value in (("offset", offset), ("count", count)):
             if value % 512:
@@ -438,21 +439,15 @@ def _write_compressed(img, buf: bytes, offset: int) -> None:
 
 
 def _cmd_discard(session: Session, args: list[str]) -> bool:
-    out = session.out
     parsed = _options(session, args, "Cq", "discard")
     if parsed is None:
         return False
     opts, operands = parsed
     flags = {opt for opt, _ in opts}
-    if len(operands) != 2:
-        return session.usage("discard")
-    numbers = _offset_and_count(out, operands)
+    numbers = _offset_and_count(session, "discard", operands)
     if numbers is None:
         return False
     offset, count = numbers
-    if count > REQUEST_MAX_BYTES:
-        out.write(f"length cannot exceed {REQUEST_MAX_BYTES}, given {operands[1]}\n")
-        return False
     start = session.clock()
     try:
         if _check_request(session, offset, count) is not None:

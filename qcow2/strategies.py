@@ -244,6 +244,41 @@ def _pack(buf: bytearray, offset: int, fmt: str, value: int) -> None:
     struct.pack_into(fmt, buf, offset, value)
 
 
+def _unaligned(base: int, cluster_size: int):
+    return st.integers(1, cluster_size - 1).map(lambda d: base + d)
+
+
+#: The violations that set one header field to a drawn value: name -> (field offset, struct
+#: format, detail template, ``values(header)`` strategy of the refused values).
+_FIELD_VIOLATIONS = {
+    "version": (4, ">I", "version {}",
+                lambda h: st.integers(0, _U32).filter(lambda x: x not in (2, 3))),
+    "backing_file_offset": (8, ">Q", "backing_file_offset 0x{:x}",
+                            lambda h: st.integers(h.cluster_size + 1, _U64)),
+    "backing_name_too_long": (16, ">I", "backing_file_size {}", lambda h: st.integers(
+        min(C.QCOW_MAX_BACKING_FILE_NAME, h.cluster_size - h.backing_file_offset) + 1, _U32)),
+    "cluster_bits": (20, ">I", "cluster_bits {}",
+                     lambda h: st.one_of(st.integers(0, 8), st.integers(22, _U32))),
+    "crypt_method": (32, ">I", "crypt_method {}", lambda h: st.integers(3, _U32)),
+    "l1_table_size": (36, ">I", "l1_size {}",
+                      lambda h: st.integers(C.QCOW_MAX_L1_SIZE // 8 + 1, _U32)),
+    "l1_table_offset": (40, ">Q", "l1_table_offset 0x{:x} unaligned",
+                        lambda h: _unaligned(h.l1_table_offset, h.cluster_size)),
+    "refcount_table_offset": (48, ">Q", "refcount_table_offset 0x{:x} unaligned",
+                              lambda h: _unaligned(h.refcount_table_offset, h.cluster_size)),
+    "refcount_table_size": (56, ">I", "refcount_table_clusters {}", lambda h: st.integers(
+        C.QCOW_MAX_REFTABLE_SIZE // h.cluster_size + 1, _U32)),
+    "snapshot_count": (60, ">I", "nb_snapshots {}",
+                       lambda h: st.integers(C.QCOW_MAX_SNAPSHOTS + 1, _U32)),
+    "snapshot_table_offset": (64, ">Q", "snapshots_offset 0x{:x} unaligned",
+                              lambda h: _unaligned(h.snapshots_offset, h.cluster_size)),
+    "refcount_order": (96, ">I", "refcount_order {}", lambda h: st.integers(7, _U32)),
+    "header_length": (100, ">I", "header_length {}", lambda h: st.one_of(
+        st.integers(0, 103), st.integers(h.cluster_size + 1, _U32))),
+    "compression_type": (104, ">B", "compression_type {}", lambda h: st.integers(2, 255)),
+}
+
+
 @st.composite
 def invalid_header_bytes(draw, violations=HEADER_VIOLATIONS, *, versions=(2, 3),
                          cluster_bits=None) -> InvalidHeader:
@@ -280,30 +315,15 @@ def invalid_header_bytes(draw, violations=HEADER_VIOLATIONS, *, versions=(2, 3),
     buf = bytearray(encode_header(h))
     buf.extend(bytes(max(0, 112 - len(buf))))
     incompat_off = 72
-    if v == "magic":
+    if v in _FIELD_VIOLATIONS:
+        offset, fmt, template, values = _FIELD_VIOLATIONS[v]
+        value = draw(values(h))
+        _pack(buf, offset, fmt, value)
+        detail = template.format(value)
+    elif v == "magic":
         magic = draw(st.binary(min_size=4, max_size=4).filter(lambda m: m != C.QCOW_MAGIC_BYTES))
         buf[0:4] = magic
         detail = f"magic {magic!r}"
-    elif v == "version":
-        value = draw(st.integers(0, _U32).filter(lambda x: x not in (2, 3)))
-        _pack(buf, 4, ">I", value)
-        detail = f"version {value}"
-    elif v == "cluster_bits":
-        value = draw(st.one_of(st.integers(0, 8), st.integers(22, _U32)))
-        _pack(buf, 20, ">I", value)
-        detail = f"cluster_bits {value}"
-    elif v == "header_length":
-        value = draw(st.one_of(st.integers(0, 103), st.integers(cs + 1, _U32)))
-        _pack(buf, 100, ">I", value)
-        detail = f"header_length {value}"
-    elif v == "backing_file_offset":
-        value = draw(st.integers(cs + 1, _U64))
-        _pack(buf, 8, ">Q", value)
-        detail = f"backing_file_offset 0x{value:x}"
-    elif v == "compression_type":
-        value = draw(st.integers(2, 255))
-        buf[104] = value
-        detail = f"compression_type {value}"
     elif v == "compression_bit":
         _pack(buf, incompat_off, ">Q", h.incompatible_features ^ C.INCOMPAT_COMPRESSION)
         detail = "compression type bit disagrees with the compression_type field"
@@ -314,37 +334,9 @@ def invalid_header_bytes(draw, violations=HEADER_VIOLATIONS, *, versions=(2, 3),
     elif v == "subcluster_size":
         _pack(buf, incompat_off, ">Q", h.incompatible_features | C.INCOMPAT_EXTL2)
         detail = f"extended L2 with cluster_bits {h.cluster_bits}"
-    elif v == "refcount_order":
-        value = draw(st.integers(7, _U32))
-        _pack(buf, 96, ">I", value)
-        detail = f"refcount_order {value}"
     elif v == "no_refcount_table":
         _pack(buf, 56, ">I", 0)
         detail = "refcount_table_clusters 0"
-    elif v == "refcount_table_offset":
-        value = h.refcount_table_offset + draw(st.integers(1, cs - 1))
-        _pack(buf, 48, ">Q", value)
-        detail = f"refcount_table_offset 0x{value:x} unaligned"
-    elif v == "refcount_table_size":
-        value = draw(st.integers(C.QCOW_MAX_REFTABLE_SIZE // cs + 1, _U32))
-        _pack(buf, 56, ">I", value)
-        detail = f"refcount_table_clusters {value}"
-    elif v == "snapshot_table_offset":
-        value = h.snapshots_offset + draw(st.integers(1, cs - 1))
-        _pack(buf, 64, ">Q", value)
-        detail = f"snapshots_offset 0x{value:x} unaligned"
-    elif v == "snapshot_count":
-        value = draw(st.integers(C.QCOW_MAX_SNAPSHOTS + 1, _U32))
-        _pack(buf, 60, ">I", value)
-        detail = f"nb_snapshots {value}"
-    elif v == "l1_table_offset":
-        value = h.l1_table_offset + draw(st.integers(1, cs - 1))
-        _pack(buf, 40, ">Q", value)
-        detail = f"l1_table_offset 0x{value:x} unaligned"
-    elif v == "l1_table_size":
-        value = draw(st.integers(C.QCOW_MAX_L1_SIZE // 8 + 1, _U32))
-        _pack(buf, 36, ">I", value)
-        detail = f"l1_size {value}"
     elif v == "l1_too_small":
         shift = h.cluster_bits + h.l2_bits
         size = max(h.size, (h.l1_size << shift) + 1)
@@ -366,10 +358,6 @@ def invalid_header_bytes(draw, violations=HEADER_VIOLATIONS, *, versions=(2, 3),
             _pack(buf, 36, ">I", 0)                  # ... then the L1 table is too small
         _pack(buf, 24, ">Q", value)
         detail = f"size 0x{value:x}"
-    elif v == "crypt_method":
-        value = draw(st.integers(3, _U32))
-        _pack(buf, 32, ">I", value)
-        detail = f"crypt_method {value}"
     elif v == "extension_too_large":
         start = h.header_length
         if not h.extensions:      # add one extension header to make too large
@@ -377,11 +365,6 @@ def invalid_header_bytes(draw, violations=HEADER_VIOLATIONS, *, versions=(2, 3),
         value = draw(st.integers(cs, _U32))
         _pack(buf, start + 4, ">I", value)
         detail = f"first extension length {value}"
-    elif v == "backing_name_too_long":
-        value = draw(st.integers(min(C.QCOW_MAX_BACKING_FILE_NAME, cs - h.backing_file_offset) + 1,
-                                 _U32))
-        _pack(buf, 16, ">I", value)
-        detail = f"backing_file_size {value}"
     elif v == "data_file_missing":
         _pack(buf, incompat_off, ">Q", h.incompatible_features | C.INCOMPAT_DATA_FILE)
         detail = "external data file bit without the data file extension"

@@ -11,7 +11,9 @@ import os
 import resource
 import shutil
 import signal
+import struct
 import subprocess
+import tempfile
 import tracemalloc
 from dataclasses import dataclass
 
@@ -313,3 +315,25 @@ def our_check(path: str, *args: str) -> CheckRun:
     except ValueError:
         summary = None
     return CheckRun(rc, summary, err.getvalue())
+
+
+def poke(path, offset: int, fmt: str, value: int) -> None:
+    """Overwrite the ``struct`` field ``fmt`` at ``offset`` of the file with ``value``."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+def read_u64(path, offset: int) -> int:
+    """The big-endian 64-bit field at ``offset`` of the file."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+def tmpfs_or(tmp_path) -> str:
+    """A directory on tmpfs when there is one (it allows sparse files of hundreds of TiB, which
+    is what some regression cases need to show), else ``tmp_path``."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return tempfile.mkdtemp(prefix="qcow2-regress-", dir="/dev/shm")
+    return str(tmp_path)

@@ -21,29 +21,11 @@ from qcow2.errors import CorruptImageError, OverlapError, Qcow2Error
 from qcow2.image import Image
 
 import qemu
+from fuzz_support import poke, read_u64, tmpfs_or
 
 KiB = 1024
 
 
-def _poke(path, offset: int, fmt: str, value: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, value))
-
-
-def _u64(path, offset: int) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return struct.unpack(">Q", f.read(8))[0]
-
-
-def _tmpfs_or(tmp_path):
-    """A directory on tmpfs when there is one (it allows sparse files of hundreds of TiB, which
-    is what some of these cases need to show), else ``tmp_path``."""
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        import tempfile
-        return tempfile.mkdtemp(prefix="qcow2-regress-", dir="/dev/shm")
-    return str(tmp_path)
 
 
 def test_writes_past_the_host_offset_limit_are_refused(tmp_path):
@@ -54,11 +36,11 @@ def test_writes_past_the_host_offset_limit_are_refused(tmp_path):
     same).  No qcow2 structure can lie at or past 2^56 (the guard does not even list such
     offsets), so the guard now refuses such writes as corruption: OverlapError, the image marked
     corrupt, the file unchanged but for the corrupt bit."""
-    directory = _tmpfs_or(tmp_path)
+    directory = tmpfs_or(tmp_path)
     try:
         path = os.path.join(directory, "img.qcow2")
         qemu.create(path, 0, options={"cluster_size": "512"})
-        _poke(path, 48, ">Q", 0)
+        poke(path, 48, ">Q", 0)
         before = open(path, "rb").read()
         img = qcow2.open(path, "r+")
         with pytest.raises(OverlapError, match="past the host offset limit .*0x514649fb00000000"):
@@ -95,7 +77,7 @@ def test_write_to_an_image_cut_inside_its_l1_table(tmp_path):
     result is byte-identical to qemu-io's."""
     path = str(tmp_path / "img.qcow2")
     qemu.create(path, "64K", options={"cluster_size": "512"})
-    l1_offset = _u64(path, 40)
+    l1_offset = read_u64(path, 40)
     with open(path, "r+b") as f:
         f.truncate(l1_offset)
     theirs = str(tmp_path / "qemu.qcow2")
@@ -134,17 +116,11 @@ def test_writer_l1_table_stops_at_what_the_size_needs(tmp_path):
     the end of the file, so the first allocation overlaps it: refused, as qemu-io refuses it.)"""
     path = str(tmp_path / "img.qcow2")
     qemu.create(path, "64K", options={"cluster_size": "1024"})
-    _poke_u32(path, 36, 3417856)
+    poke(path, 36, ">I", 3417856)
     with qcow2.open(path, "r+") as img:
         assert len(img.l1_table) == img.header.nb_l1_entries_needed == 1
         with pytest.raises(OverlapError, match="overlaps with active L1 table"):
             img.pwrite(b"\x44" * 1024, 0)
-
-
-def _poke_u32(path, offset: int, value: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(">I", value))
 
 
 def test_refcount_table_entry_cut_by_the_end_of_the_file(tmp_path):
@@ -155,12 +131,12 @@ def test_refcount_table_entry_cut_by_the_end_of_the_file(tmp_path):
     less."""
     path = str(tmp_path / "img.qcow2")
     qemu.create(path, "64K", options={"cluster_size": "512"})
-    reftable = _u64(path, 48)
+    reftable = read_u64(path, 48)
     with open(path, "r+b") as f:        # entry 1 cut after 6 bytes: 0x0000_0000_1000_00..
         f.truncate(reftable + 8 + 6)
         f.seek(reftable + 8)
         f.write(b"\0\0\0\0\x10\0")
-    _poke_u32(path, 56, 2)              # ... and the table runs past the end of the file
+    poke(path, 56, ">I", 2)              # ... and the table runs past the end of the file
     ref = qemu.qemu_img("check", "--output=json", path, check=False)
     with qcow2.open(path) as img:
         res = img.check()
@@ -190,7 +166,7 @@ def test_freeing_a_table_that_had_no_refcount(tmp_path, layout):
         qemu.create(path, "512", options=opts, backing=base, backing_fmt="qcow2")
     else:
         qemu.create(path, "512", options=opts)
-    _poke(path, 40, ">Q", 0x8600)
+    poke(path, 40, ">Q", 0x8600)
     theirs = str(tmp_path / "theirs.qcow2")
     shutil.copyfile(path, theirs)
     with qcow2.open(path, "r+") as img:

@@ -21,32 +21,14 @@ import pytest
 
 import qcow2
 from qcow2 import cli
+from qcow2 import constants as C
 from qcow2.check import check_image
 from qcow2.image import Image
 
 import qemu
-from fuzz_support import our_check, qemu_check
+from fuzz_support import our_check, poke, qemu_check, read_u64, tmpfs_or
 
 
-def _poke(path, offset: int, fmt: str, value: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(struct.pack(fmt, value))
-
-
-def _u64(path, offset: int) -> int:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return struct.unpack(">Q", f.read(8))[0]
-
-
-def _tmpfs_or(tmp_path):
-    """A directory on tmpfs when there is one (it allows sparse files of hundreds of TiB, which
-    is what some of these cases need to show), else ``tmp_path``."""
-    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        import tempfile
-        return tempfile.mkdtemp(prefix="qcow2-regress-", dir="/dev/shm")
-    return str(tmp_path)
 
 
 def _qemu_check_limited(path, *args):
@@ -69,11 +51,11 @@ def test_repair_of_refcount_block_far_outside_the_file_is_bounded(tmp_path, wher
     (tmpfs) qemu-img's count array cannot be allocated: "Check failed: Cannot allocate memory".
     We had a MemoryError there (the array sized by the offset).  Now: the same exit code and
     failure as qemu-img, and the file is not left at 256 TiB (qemu-img leaves it so)."""
-    directory = _tmpfs_or(tmp_path) if where == "tmpfs" else str(tmp_path)
+    directory = tmpfs_or(tmp_path) if where == "tmpfs" else str(tmp_path)
     try:
         path = os.path.join(directory, "img.qcow2")
         qemu.create(path, 0, options={"compat": "0.10", "cluster_size": "512"})
-        _poke(path, 56, ">I", 2)
+        poke(path, 56, ">I", 2)
         theirs = path + ".qemu"
         shutil.copyfile(path, theirs)
         size = os.path.getsize(path)
@@ -98,7 +80,7 @@ def test_check_count_array_growth_is_capped(tmp_path):
     in our hands."""
     path = str(tmp_path / "img.qcow2")
     qemu.create(path, 0, options={"compat": "0.10", "cluster_size": "512"})
-    _poke(path, 56, ">I", 2)
+    poke(path, 56, ">I", 2)
     size = os.path.getsize(path)
     with Image(path, "r+", _repair=True) as img:
         res = check_image(img, "all")
@@ -130,8 +112,8 @@ def test_refcount_block_offset_past_int64(tmp_path, args):
     Invalid argument") and rebuilds; ours raised OverflowError from ftruncate."""
     path = str(tmp_path / "img.qcow2")
     qemu.create(path, 0, options={"compat": "0.10", "preallocation": "metadata"})
-    reftable = _u64(path, 48)
-    _poke(path, reftable, ">Q", _u64(path, reftable) | 1 << 63)
+    reftable = read_u64(path, 48)
+    poke(path, reftable, ">Q", read_u64(path, reftable) | 1 << 63)
     ours, ref = _same_as_qemu(path, *args)
     if not args:
         assert "Can't get refcount for cluster 0: Input/output error" in ours.stderr
@@ -150,8 +132,8 @@ def test_copied_flags_of_an_unaligned_l2_table(tmp_path):
     path = str(tmp_path / "img.qcow2")
     qemu.create(path, "100K", options={"cluster_size": "4096"})
     qemu.qemu_io(path, "write -P 0xa5 0 4k", "write -P 6 8k 4k")   # 0xa5..: COPIED set
-    l1 = _u64(path, 40)
-    _poke(path, l1, ">Q", _u64(path, l1) + 0x200)
+    l1 = read_u64(path, 40)
+    poke(path, l1, ">Q", read_u64(path, l1) + 0x200)
     ours, _ = _same_as_qemu(path)
     assert "OFLAG_COPIED data cluster" in ours.stderr
     _same_as_qemu(path, "-r", "all")
@@ -163,7 +145,7 @@ def test_check_with_format_qcow2_of_a_file_without_the_magic(tmp_path):
     and answered "This image format does not support checks", exit 63 (right only without -f)."""
     path = str(tmp_path / "img.qcow2")
     qemu.create(path, "1M")
-    _poke(path, 0, ">B", ord("Q") ^ 1)
+    poke(path, 0, ">B", ord("Q") ^ 1)
     for args in (["-f", "qcow2"], []):
         ref = subprocess.run([qemu.QEMU_IMG, "check", *args, path], capture_output=True,
                              text=True)
@@ -199,7 +181,7 @@ def test_rebuild_switches_the_guard_to_the_new_refcount_structures(tmp_path):
     repair succeeds.  Now the guard drops the old structures and enters the new ones first."""
     path = str(tmp_path / "img.qcow2")
     qemu.create(path, 0, options={"compat": "0.10"})
-    _poke(path, _u64(path, 48) + 8 * 290, ">Q", 0x4000)
+    poke(path, read_u64(path, 48) + 8 * 290, ">Q", 0x4000)
     ours, _ = _same_as_qemu(path, "-r", "all")
     assert ours.rc == 0 and "Rebuilding refcount structure" in ours.stderr
     assert qemu.qemu_img("check", path, check=False).returncode == 0
@@ -210,7 +192,7 @@ def _reftable_entry_far_away(tmp_path, nb_clusters_away: int) -> str:
     clusters into the (non-existent) rest of the file."""
     path = str(tmp_path / "img.qcow2")
     qemu.create(path, 0, options={"compat": "0.10", "cluster_size": "512"})
-    _poke(path, _u64(path, 48) + 8, ">Q", nb_clusters_away * 512)
+    poke(path, read_u64(path, 48) + 8, ">Q", nb_clusters_away * 512)
     return path
 
 
@@ -260,3 +242,20 @@ def test_repair_refuses_to_grow_the_file_past_the_count_cap(tmp_path):
     ours = our_check(path, "-r", "all")
     assert ours.rc == 1 and "Check failed: Cannot allocate memory" in ours.stderr
     assert os.path.getsize(path) == size
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+@pytest.mark.parametrize("args", [(), ("-r", "all")])
+def test_l2_entry_with_copied_and_offset_zero_is_unallocated(tmp_path, compat, args):
+    """Found by fuzzing (an L2 entry aimed at the header: 0x8000000000000a00 -> COPIED with
+    host offset 0).  Without an external data file, offset 0 means unallocated whatever the
+    COPIED bit says, as qemu-img counts it; the bulk path of our check counted a reference to
+    cluster 0 (an error where qemu-img sees one leak), and its repair set the header's refcount
+    to 2, which qemu-img then reported as leaked."""
+    path = str(tmp_path / "img.qcow2")
+    qemu.create(path, 512, options={"compat": compat, "cluster_size": "512"})
+    qemu.qemu_io(path, "write -P 1 0 512")
+    l2 = read_u64(path, read_u64(path, 40)) & C.L1E_OFFSET_MASK
+    poke(path, l2, ">Q", 1 << 63)
+    _same_as_qemu(path, *args)
+    assert qemu.qemu_img("check", path, check=False).returncode == (0 if args else 3)
