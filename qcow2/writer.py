@@ -611,6 +611,8 @@ class Writer:
             img._set_size(new_size)
             self._barrier()
             self._shrink(new_size, old_size, need_l1)      # a crash after this only leaks
+            if self.has_data_file:
+                self.data.truncate(new_size)       # as QEMU: the data file ends with the disk
             return
         if need_l1 > len(img.l1_table):
             self._grow_l1(need_l1)
@@ -626,6 +628,8 @@ class Writer:
                 self.write_zeroes(old_size, zero_end - old_size, False)
             if preallocation != "off" and new_size > old_size:
                 self.preallocate(preallocation, -(-old_size // self.cluster_size))
+            if self.has_data_file and self.data.size < new_size:
+                self.data.truncate(new_size)       # grown with the disk (never cut when growing)
             self.flush_metadata()
             self._barrier()
             img._update_header(size=new_size)

@@ -12,6 +12,7 @@ leaks.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -202,6 +203,51 @@ def test_resize_over_snapshot_keeps_it(capsys, layouts, tmp_path):
                           ours)
     assert status == 0, out
     _assert_same_images(ours, ours)
+
+
+@pytest.mark.parametrize("options, steps", [
+    ("data_file_raw=on", [["{img}", "8M"], ["--shrink", "{img}", "3M"], ["{img}", "5M"]]),
+    ("data_file_raw=off", [["{img}", "8M"], ["--shrink", "{img}", "3M"],
+                           ["--preallocation=metadata", "{img}", "5M"]]),
+    ("data_file_raw=on", [["--preallocation=full", "{img}", "6M"]]),
+])
+def test_resize_with_data_file_like_qemu_img(capsys, tmp_path, options, steps):
+    """The external data file follows the disk's size (grown and cut with it), and a raw data
+    file stays mapped 1:1 over the grown space, as QEMU keeps them."""
+    require_qemu()
+    images = {}
+    for who in ("ours", "theirs"):
+        img = str(tmp_path / f"{who}.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-o",
+                 f"data_file={tmp_path / who}.raw,{options}", img, "4M")
+        qemu_io(img, "write -P 0x5c 0 4M")
+        images[who] = img
+    for argv in steps:
+        q = run(QEMU_IMG, "resize", "-q", *[a.format(img=images["theirs"]) for a in argv],
+                check=False)
+        status, out, err = tool(capsys, "resize", "-q", *[a.format(img=images["ours"])
+                                                          for a in argv])
+        assert (status, out, err) == (q.returncode, q.stdout, q.stderr), argv
+        maps = [qemu_img("map", "--output=json", images[w]).stdout for w in ("ours", "theirs")]
+        assert maps[0] == maps[1], argv
+        assert os.path.getsize(tmp_path / "ours.raw") == os.path.getsize(tmp_path / "theirs.raw")
+        assert qemu_img("check", "-q", images["ours"], check=False).returncode == 0
+        _assert_same_images(images["ours"], images["theirs"])
+
+
+def test_resize_refuses_v2_image_with_snapshots(capsys, tmp_path):
+    """A v2 snapshot table records no disk size: qemu-img refuses to resize such an image."""
+    require_qemu()
+    ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "theirs.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", ours, "8M")
+    qemu_img("snapshot", "-c", "s1", ours)
+    shutil.copy(ours, theirs)
+    before = open(ours, "rb").read()
+    q = run(QEMU_IMG, "resize", theirs, "16M", check=False)
+    status, out, err = tool(capsys, "resize", ours, "16M")
+    assert (status, out) == (q.returncode, q.stdout) == (1, "")
+    assert err.replace("qcow2-tool", "qemu-img") == q.stderr
+    assert open(ours, "rb").read() == before
 
 
 def test_console_entry_parses_negative_size(tmp_path):
