@@ -196,14 +196,15 @@ def _snapshot_arg(text: str) -> str:
     return text
 
 
-def _create_target(path: str, sources: Sequence[str]) -> Storage:
+def _create_target(path: str, sources: Sequence[str], out_fmt: str) -> Storage:
     """Create (or open) the target and empty it; every change goes through Storage.  Refuses a
-    target that is one of the files being read (the source, its backing chain, data files)."""
+    target that is one of the files being read (the source, its backing chain, data files).
+    ``out_fmt`` names the output format in the messages, as qemu-img does."""
     for src in sources:
         try:
             if os.path.samefile(src, path):
-                raise CliError(f"{path}: error while converting raw: the target is '{src}', "
-                               f"which is being read")
+                raise CliError(f"{path}: error while converting {out_fmt}: the target is "
+                               f"'{src}', which is being read")
         except OSError:
             pass
     try:
@@ -217,7 +218,7 @@ def _create_target(path: str, sources: Sequence[str]) -> Storage:
             target.close()
             target = Storage(path, writable=True, what="target")
     except Qcow2Error as e:
-        raise CliError(f"{path}: error while converting raw: {e}") from None
+        raise CliError(f"{path}: error while converting {out_fmt}: {e}") from None
     return target
 
 
@@ -270,7 +271,7 @@ def cmd_convert(args) -> int:
             _convert_to_qcow2(args, reader, size, sources, progress)
             progress.finish()
             return 0
-        dst = _create_target(args.target, sources)
+        dst = _create_target(args.target, sources, "raw")
         try:
             dst.truncate(size)
             copy_to_raw(reader, dst, sparse_size=granularity, progress=progress.update)
@@ -296,7 +297,7 @@ def _target_cache(mode: str) -> str:
 def _convert_to_qcow2(args, reader, size: int, sources, progress) -> None:
     from .cli_create import CreateError, create_kwargs
     from .create import create
-    _create_target(args.target, sources).close()       # refuses a target that is a source
+    _create_target(args.target, sources, "qcow2").close()   # refuses a target that is a source
     try:
         kwargs = create_kwargs(args.options or [])
     except CreateError as e:
@@ -397,7 +398,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="command to run (repeatable); without -c, commands come from stdin")
     p.add_argument("filename")
     p.set_defaults(func=cmd_io)
+    parser.commands = sub.choices
     return parser
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Options and operands in any order after the command, as qemu-img's getopt takes them
+    (``create IMG -o cluster_size=512 1G``): the command's own parser reads them intermixed."""
+    command = parser.commands.get(argv[0]) if argv else None
+    if command is None:
+        return parser.parse_args(argv)        # help, version, or the error for a bad command
+    args = command.parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -409,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["resize"]:       # the size may look like an option: "-1G"
             from .cli_resize import split_size
             argv, size = split_size(argv)
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
         if size is not None:
             args.size = size
         return args.func(args)

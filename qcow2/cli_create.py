@@ -28,22 +28,31 @@ _DEFAULTS = {"cluster_size": "65536", "extended_l2": "off", "compression_type": 
 
 
 class CreateError(Exception):
-    """A message for ``qcow2-tool: <path>: <message>`` or, with ``bare``, without the path."""
+    """A message for ``qcow2-tool: <path>: <message>`` or, with ``bare``, without the path;
+    ``prefix_all``: every line gets the prefix (qemu-img reported them one by one)."""
 
-    def __init__(self, message: str, bare: bool = False):
+    def __init__(self, message: str, bare: bool = False, prefix_all: bool = False):
         super().__init__(message)
         self.bare = bare
+        self.prefix_all = prefix_all
 
 
 def parse_options(text_list: list[str]) -> dict[str, str]:
-    """``-o k=v,k=v`` (repeatable; ``,,`` escapes a comma) -> dict of raw strings."""
+    """``-o k=v,k=v`` (repeatable; ``,,`` escapes a comma) -> dict of raw strings.  As QEMU's
+    option parser: a bare ``key`` means ``key=on`` and ``nokey`` means ``key=off``; an empty
+    list, one starting with a comma or ending with an unescaped one is refused."""
     out: dict[str, str] = {}
     for text in text_list:
+        trailing = len(text) - len(text.rstrip(","))
+        if not text or text[0] == "," or trailing % 2:
+            raise CreateError(f"Invalid option list: {text}", bare=True)
         for item in text.replace(",,", "\0").split(","):
             if not item:
                 continue
-            key, _, value = item.partition("=")
+            key, equals, value = item.partition("=")
             key = key.replace("\0", ",")
+            if not equals:
+                key, value = (key[2:], "off") if key.startswith("no") else (key, "on")
             if key not in _KNOWN:
                 raise CreateError(f"Invalid parameter '{key}'")
             out[key] = value.replace("\0", ",")
@@ -108,7 +117,12 @@ def run_create(args) -> int:
             raise CreateError("The image size must be specified only once")
         try:
             size = parse_size(args.size)
-        except SizeError:
+        except SizeError as e:
+            if not e.too_large:
+                raise CreateError("Invalid image size specified. You may use k, M, G, T, P or E "
+                                  "suffixes for\nkilobytes, megabytes, gigabytes, terabytes, "
+                                  "petabytes and exabytes.", bare=True,
+                                  prefix_all=True) from None
             raise CreateError("Invalid image size specified. Must be between 0 and "
                               "9223372036854775807.", bare=True) from None
     elif "size" in opts:
@@ -202,7 +216,7 @@ def cmd_create(args) -> int:
         return run_create(args)
     except CreateError as e:
         message = str(e) if e.bare else f"{args.filename}: {e}"
-        raise CliError(message, prefix_all=False) from None
+        raise CliError(message, prefix_all=e.prefix_all) from None
     except Qcow2Error as e:
         raise CliError(f"{args.filename}: {e}", prefix_all=False) from None
 

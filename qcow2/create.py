@@ -217,9 +217,29 @@ def _write_skeleton(path: str, o: CreateOptions, head: bytes) -> None:
         file.close()
 
 
+#: The block layer's largest disk (INT64_MAX aligned down to 1 GiB), as QEMU 7.2 has it.
+_MAX_LENGTH = C.INT64_MAX & ~((1 << 30) - 1)
+
+
+def _check_size_fits(o: CreateOptions) -> None:
+    """Refuse, in qemu-img's words, a size the block layer or the L1 table cannot hold (it is
+    said after the "Formatting" line, as qemu-img says it)."""
+    if o.size > C.INT64_MAX:           # the size rounded up to a sector went past 2^63 - 1
+        raise RequestError("Could not resize image: Image size cannot be negative")
+    if o.size > _MAX_LENGTH:
+        raise RequestError(f"Could not resize image: offset({o.size}) exceeds "
+                           f"maximum({_MAX_LENGTH})")
+    entry_size = 16 if o.extended_l2 else 8
+    span = o.cluster_size * (o.cluster_size // entry_size)
+    if -(-o.size // span) > C.QCOW_MAX_L1_SIZE // 8:
+        raise RequestError("The image size is too large for file format 'qcow2' (try using a "
+                           "larger cluster size)")
+
+
 def _give_size(path: str, o: CreateOptions, cache: str) -> None:
     """Open the skeleton read-write and let the writer allocate the L1 table and preallocate."""
     from .image import Image
+    _check_size_fits(o)
     img = Image(path, "r+", open_backing=False, overlap_check="cached", cache=cache,
                 _layer_only=True)
     try:

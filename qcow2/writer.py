@@ -557,7 +557,7 @@ class Writer:
             packed = [compress_cluster(c, ctype) for c in clusters]
         for k, (raw, comp) in enumerate(zip(clusters, packed)):
             g = guest_offset + k * cs
-            if len(comp) >= cs - C.SECTOR_SIZE:
+            if len(comp) >= cs:             # no gain: stored as is (QEMU's rule too)
                 n = min(cs, self.img.size - g)
                 self.pwrite(memoryview(raw)[:n], g)
             else:

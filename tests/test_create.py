@@ -150,6 +150,23 @@ CLI_CASES = [
     "-o size=1M t.qcow2 1M",
     "-o size=2M t.qcow2",
     "-f raw t.raw 1M",
+    "t.qcow2 1X",
+    "t.qcow2 1e3",
+    "t.qcow2 64P",
+    "-o cluster_size=512 t.qcow2 129G",
+    "-o cluster_size=16k,extended_l2=on t.qcow2 1P",
+    "t.qcow2 9223372036854775807",
+    "t.qcow2 9223372036854775296",
+    "t.qcow2 -o cluster_size=4096 1M",
+    "t.qcow2 1M -o compat=0.10",
+    "-o extended_l2,cluster_size=16k t.qcow2 1M",
+    "-o nolazy_refcounts t.qcow2 1M",
+    "-o compat t.qcow2 1M",
+    "-o cluster_size t.qcow2 1M",
+    "-o nofoo t.qcow2 1M",
+    "-o , t.qcow2 1M",
+    "-o cluster_size=4k, t.qcow2 1M",
+    "-o cluster_size=4k,,, t.qcow2 1M",
 ]
 
 
