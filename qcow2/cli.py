@@ -322,7 +322,9 @@ def cmd_io(args) -> int:
         img = Image(args.filename, mode)
     except (Qcow2Error, OSError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else e
-        raise CliError(f"Could not open '{args.filename}': {reason}") from None
+        if not args.read_only and os.path.isdir(args.filename):
+            reason = f"Could not open '{args.filename}': Is a directory"   # qemu-io opens rw
+        raise CliError(f"can't open device {args.filename}: {reason}") from None
     with img:
         session = Session(img, sys.stdout, sys.stderr)
         if not args.cmd:

@@ -61,7 +61,8 @@ def cmd_check(args) -> int:
     from .image import Image, probe_format
     output = _output_format(args.output)
     if args.repair not in (None, "leaks", "all"):
-        raise CliError(f"Unknown option for -r: '{args.repair}'")   # qemu-img's wording
+        raise CliError(f"Unknown option value for -r (expecting 'leaks' or 'all'): {args.repair}\n"
+                       "Try 'qcow2-tool --help' for more information", prefix_all=False)
     budget = None
     if args.overlap_mem is not None:
         try:
@@ -72,15 +73,16 @@ def cmd_check(args) -> int:
     if args.overlap_check not in ("none", "constant", "cached", "all"):
         raise CliError(f"Invalid --overlap-check value '{args.overlap_check}': use none, "
                        "constant, cached or all")
-    _check_format(args.filename, args.format)
-    # Only a probed format can be "not checkable": with -f qcow2 qemu-img opens the file as
-    # qcow2, and a bad magic is an open error, exit 1 (found by fuzzing: we exited 63)
-    if args.format is None:
+    if args.format != "raw":
+        _check_format(args.filename, args.format)
+    # A raw file (probed, or -f raw) is "not checkable", once it opens; with -f qcow2 qemu-img
+    # opens the file as qcow2, and a bad magic is an open error, exit 1 (found by fuzzing)
+    if args.format in (None, "raw"):
         try:
-            if probe_format(args.filename) != "qcow2":
+            if probe_format(args.filename) != "qcow2" or args.format == "raw":
                 raise CliError("This image format does not support checks", status=63)
         except Qcow2Error as e:
-            raise CliError(str(e)) from None
+            raise CliError(f"Could not open '{args.filename}': {e}") from None
     events_file = _EventsFile(args.events) if args.events else None
     try:
         emitter = EventEmitter(json_lines_writer(events_file or sys.stderr))

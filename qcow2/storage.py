@@ -38,6 +38,8 @@ class Storage:
 
     def __init__(self, path: str, writable: bool = False, *, create: bool = False,
                  what: str = "image", sync: bool = True):
+        if not path:
+            raise Qcow2Error("The 'file' block driver requires a file name")
         self.path = path
         self.writable = writable or create
         self.sync = sync          # False: flush() does not fsync (QEMU's cache=unsafe)

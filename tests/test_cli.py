@@ -567,9 +567,13 @@ def test_not_qcow2(capsys, bad_files, tmp_path, command):
     forced = ["-f", "qcow2"] if command[0] == "convert" else []   # unforced: probed as raw
     status, out, err = tool(capsys, *command, *forced, path, *extra)
     assert status == 1 and out == ""
-    assert err == f"qcow2-tool: Could not open '{path}': Image is not in qcow2 format\n"
     if q is not None:
+        assert err == f"qcow2-tool: Could not open '{path}': Image is not in qcow2 format\n"
         assert as_qemu_err(err) == q[2]
+    else:   # qemu-io's words (qemu-io -f qcow2 -c 'read 0 1' junk.bin)
+        theirs = run(QEMU_IO, "-f", "qcow2", "-c", "read 0 1", path, check=False)
+        assert err == f"qcow2-tool: can't open device {path}: Image is not in qcow2 format\n"
+        assert err.replace("qcow2-tool", "qemu-io") == theirs.stderr + theirs.stdout
 
 
 def test_convert_probes_raw_like_qemu_img(capsys, bad_files, tmp_path):
@@ -623,7 +627,8 @@ def test_backing_loop_is_an_error_not_a_hang(capsys, bad_files, tmp_path):
         full = argv if argv[0] == "convert" else argv + [path]
         status, out, err = tool(capsys, *full)
         assert status == 1
-        assert err.startswith(f"qcow2-tool: Could not open '{path}': ")
+        opening = f"can't open device {path}" if argv[0] == "io" else f"Could not open '{path}'"
+        assert err.startswith(f"qcow2-tool: {opening}: ")     # qemu-io's words for io
         assert "loop" in err and "Traceback" not in err
 
 
