@@ -752,3 +752,27 @@ def test_convert_refuses_to_overwrite_its_source(capsys, tmp_path, image_dir):
     status, _, err = tool(capsys, "convert", "-O", "raw", src, src)
     assert status == 1 and "being read" in err
     assert src.read_bytes() == before
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "{missing}"], ["check", "{dir}"], ["check", ""], ["info", ""],
+    ["check", "-f", "raw", "{dir}"], ["check", "-f", "raw", "{raw}"], ["check", "{raw}"],
+    ["check", "-r", "bogus", "{raw}"], ["io", "-c", "read 0 1", "{missing}"],
+    ["io", "-c", "read 0 1", "{dir}"], ["io", "-r", "-c", "read 0 1", "{dir}"],
+    ["io", "-c", "read 0 1", ""],
+])
+def test_open_and_argument_errors_in_qemus_words(capsys, tmp_path, argv):
+    """Found by a new-user review: each as qemu-img (or qemu-io for io) says it, exit code too."""
+    (tmp_path / "d").mkdir()
+    raw = tmp_path / "r.raw"
+    raw.write_bytes(bytes(65536))
+    names = {"missing": str(tmp_path / "missing.qcow2"), "dir": str(tmp_path / "d"),
+             "raw": str(raw)}
+    argv = [a.format(**names) for a in argv]
+    if argv[0] == "io":
+        q = qemu(*argv[1:], prog=QEMU_IO)
+        q = (q[0], q[1], q[2].replace("qemu-io", "qcow2-tool"))
+    else:
+        q = qemu(*argv)
+        q = (q[0], q[1], q[2].replace("qemu-img", "qcow2-tool"))
+    assert tool(capsys, *argv) == q
