@@ -627,6 +627,9 @@ class Image(_Qcow2Reader):
                                f"length 0x{len(view):x}, cluster size 0x{cs:x}")
         with self._lock, self._signalling():
             self._begin_write(offset, len(view))
+            if self.header.has_data_file:      # before the allocation test, as QEMU refuses it
+                raise UnsupportedError("Compressed writes are not supported with an external "
+                                       "data file")
             if not overwrite:
                 for seg in self._mapping.iter_segments(offset, len(view)):
                     if seg.kind == COMPRESSED or seg.host >= 0:

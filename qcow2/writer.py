@@ -541,9 +541,7 @@ class Writer:
     def write_compressed(self, view: memoryview, guest_offset: int, workers: int = 4) -> None:
         """Compress and write whole clusters (the last may end at the image end).  Compression
         runs in threads (zlib and zstd release the GIL); a cluster that does not shrink is
-        written uncompressed."""
-        if self.has_data_file:
-            raise UnsupportedError("Compressed writes are not supported with an external data file")
+        written uncompressed.  (The image refuses them with an external data file.)"""
         cs = self.cluster_size
         clusters = []
         for pos in range(0, len(view), cs):

@@ -257,3 +257,21 @@ def test_console_entry_parses_negative_size(tmp_path):
     qemu_img("create", "-q", "-f", "qcow2", img, "2M")
     assert main(["resize", "--shrink", img, "-1M"]) == 0
     assert json.loads(qemu_img("info", "--output=json", img).stdout)["virtual-size"] == 1 << 20
+
+
+@pytest.mark.parametrize("raw", ["on", "off"])
+def test_compressed_write_with_data_file_is_not_supported(capsys, tmp_path, raw):
+    """qemu-io refuses a compressed write to an image with an external data file (ENOTSUP),
+    before looking at the allocation (a raw data file has every cluster allocated)."""
+    require_qemu()
+    outs = []
+    for who in ("ours", "theirs"):
+        img = str(tmp_path / f"{who}.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", "-o",
+                 f"data_file={tmp_path / who}.raw,data_file_raw={raw}", img, "1M")
+        if who == "theirs":
+            outs.append(run(QEMU_IO, "-c", "write -c 0 64k", img, check=False).stdout)
+        else:
+            _, out, _ = tool(capsys, "io", "-c", "write -c 0 64k", img)
+            outs.append(out)
+    assert outs[0] == outs[1] == "write failed: Operation not supported\n"
