@@ -111,6 +111,22 @@ class RefcountReader:
         return count
 
 
+    def last_used(self, nb_clusters: int) -> int:
+        """The highest cluster index below ``nb_clusters`` with a non-zero refcount (-1: none).
+        Reads the refcount blocks backwards, one C-level strip each: O(trailing free clusters /
+        entries per block) block reads."""
+        k = nb_clusters - 1
+        while k >= 0:
+            index, i = divmod(k, self._entries)
+            block = self._block(index)
+            if block is not None:
+                used = block[:i + 1].tobytes().rstrip(b"\0")
+                if used:
+                    return index * self._entries + (len(used) - 1) // block.itemsize
+            k = index * self._entries - 1
+        return -1
+
+
 class Refcounts(RefcountReader):
     """Refcounts of a writable image: allocation, increments, queued decrements, table growth.
 
@@ -221,6 +237,26 @@ class Refcounts(RefcountReader):
         self._queued.clear()
         for index, count in pending:
             self.add(index, -count)
+
+    def unlink_idle_blocks(self) -> None:
+        """Unlink every refcount block that counts nothing but itself (QEMU does so after a
+        shrink, so that the file's tail can go): its reftable entry is zeroed on disk, then the
+        block is forgotten; its cluster, covered by no block now, is free.  Consistent at every
+        step.  The caller has flushed the caches.  O(refcount blocks) block reads."""
+        entries, bits = self._entries, self._cluster_bits
+        for r, entry in enumerate(self.reftable):
+            offset = entry & C.REFT_OFFSET_MASK
+            k = offset >> bits
+            if not offset or offset & (self._cluster_size - 1) or k // entries != r:
+                continue
+            block = self._blocks.load(offset)
+            if block[k % entries] == 1 and block.count(0) == entries - 1:
+                self.reftable[r] = 0
+                self._write_reftable_entry(r)
+                self._blocks.forget(offset)
+                if self._guard is not None:
+                    self._guard.leave(offset, self._cluster_size, OL_REFCOUNT_BLOCK)
+                self.free_hint = min(self.free_hint, k)
 
     # -- allocation ----------------------------------------------------------------------------------
     def _is_free(self, cluster_index: int) -> bool:

@@ -653,6 +653,18 @@ class Writer:
                     img._guard.leave(l2_offset, cs, OL_ACTIVE_L2)
                 self.refcounts.decref(l2_offset >> bits)
         self.flush_metadata()
+        self.refcounts.unlink_idle_blocks()
+        self._cut_tail()
+
+    def _cut_tail(self) -> None:
+        """Truncate the file after its last cluster in use, as QEMU does after a shrink; not when
+        the guard knows metadata past that point (the refcounts would be wrong there, and a
+        truncation is a write over it)."""
+        cs, size = self.cluster_size, self.file.size
+        end = (self.refcounts.last_used(-(-size // cs)) + 1) * cs
+        guard = self.img._guard
+        if end < size and (guard is None or not guard.overlaps(end, size - end)):
+            self.file.truncate(end)
 
     def _drop(self, a: int, b: int) -> None:
         """Unmap whole clusters ``[a, b)`` entirely (shrink: nothing may remain)."""

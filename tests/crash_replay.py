@@ -59,6 +59,8 @@ class HostWrite:
             return self.kind
         if not self.ign:
             return "data"
+        if self.ign & OL_MAIN_HEADER:
+            return "header"          # header rewrites may overlap any type (Image._update_header)
         names = [name for bit, name in _KIND_NAMES if self.ign & bit]
         return "+".join(names) or f"metadata(ign=0x{self.ign:x})"
 

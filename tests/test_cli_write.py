@@ -275,3 +275,24 @@ def test_compressed_write_with_data_file_is_not_supported(capsys, tmp_path, raw)
             _, out, _ = tool(capsys, "io", "-c", "write -c 0 64k", img)
             outs.append(out)
     assert outs[0] == outs[1] == "write failed: Operation not supported\n"
+
+
+@pytest.mark.parametrize("options", ["cluster_size=65536", "cluster_size=512",
+                                     "cluster_size=512,refcount_bits=64",
+                                     "cluster_size=4096,refcount_bits=1", "compat=0.10"])
+def test_shrink_gives_the_file_tail_back_like_qemu_img(capsys, tmp_path, options):
+    """After a shrink the file ends at its last cluster in use, refcount blocks that count only
+    themselves unlinked, as qemu-img leaves it (found by a new-user review: ours kept the tail)."""
+    require_qemu()
+    ours, theirs = str(tmp_path / "ours.qcow2"), str(tmp_path / "theirs.qcow2")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", options, ours, "8M")
+    qemu_io(ours, "write -P 1 0 6M", "write -c -P 2 6M 1M")
+    shutil.copy(ours, theirs)
+    qemu_img("resize", "-q", "--shrink", theirs, "1M")
+    assert tool(capsys, "resize", "-q", "--shrink", ours, "1M")[0] == 0
+    assert os.path.getsize(ours) == os.path.getsize(theirs) < 8 << 20
+    _assert_same_images(ours, theirs)
+    # and the image goes on growing and taking writes cleanly
+    assert tool(capsys, "resize", "-q", ours, "4M")[0] == 0
+    assert tool(capsys, "io", "-c", "write -P 4 1M 3M", ours)[0] == 0
+    _assert_same_images(ours, ours)

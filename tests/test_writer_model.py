@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
@@ -51,6 +52,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 
 import qcow2
 from qcow2 import constants as C
+from qcow2.errors import UnsupportedError
 from qcow2.events import BLOCK_IMAGE_CORRUPTED
 from qcow2.guard import OverlapGuard
 from qcow2.header import decode_header
@@ -333,6 +335,12 @@ class WriterModel(RuleBasedStateMachine):
                 new_size = min(MAX_DISK_SIZE, -(-new_size // cs) * cs)
         else:
             new_size = data.draw(st.integers(1, size // 512 - 1), label="shrink_to_sectors") * 512
+        if self.img.snapshots and self.img.header.version < 3:    # refused, as by qemu-img
+            with pytest.raises(UnsupportedError, match="Can't resize a v2 image which has "
+                                                       "snapshots"):
+                self.img.resize(new_size, shrink=new_size < size)
+            assert self.img.size == size
+            return
         self.img.resize(new_size, shrink=new_size < size)
         assert self.img.size == new_size
         if new_size < size:
