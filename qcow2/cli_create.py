@@ -20,9 +20,9 @@ _KNOWN = ("size", "compat", "backing_file", "backing_fmt", "data_file", "data_fi
           "encryption", "cluster_size", "preallocation", "lazy_refcounts", "refcount_bits",
           "compression_type", "extended_l2", "encrypt.format")
 # the order qemu-img prints them in (values as given, defaults filled in)
-_PRINT_ORDER = ("encryption", "cluster_size", "extended_l2", "preallocation", "compression_type",
-                "size", "backing_file", "backing_fmt", "compat", "data_file", "data_file_raw",
-                "lazy_refcounts", "refcount_bits")
+_PRINT_ORDER = ("encryption", "encrypt.format", "cluster_size", "extended_l2", "preallocation",
+                "compression_type", "size", "compat", "backing_file", "backing_fmt", "data_file",
+                "data_file_raw", "lazy_refcounts", "refcount_bits")
 _DEFAULTS = {"cluster_size": "65536", "extended_l2": "off", "compression_type": "zlib",
              "lazy_refcounts": "off", "refcount_bits": "16"}
 
@@ -147,7 +147,7 @@ def run_create(args) -> int:
             pass
         raise CreateError(message)
     kwargs = _typed(opts)
-    if opts.get("encryption") not in (None, "off", "no", "false"):
+    if opts.get("encryption") not in (None, "off", "no", "false") or "encrypt.format" in opts:
         raise CreateError("encryption is not supported (qcow2-tool creates unencrypted images)")
     unsafe = args.unsafe
     if size is None and (opts.get("backing_file") is None or unsafe):

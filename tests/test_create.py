@@ -167,7 +167,20 @@ CLI_CASES = [
     "-o , t.qcow2 1M",
     "-o cluster_size=4k, t.qcow2 1M",
     "-o cluster_size=4k,,, t.qcow2 1M",
+    "-b a.qcow2 -F qcow2 -o compat=0.10 t.qcow2",
+    "-b a.qcow2 -F qcow2 -o compat=1.1,lazy_refcounts=on,data_file=d.raw t.qcow2",
 ]
+
+
+@pytest.mark.parametrize("option", ["encryption=on", "encrypt.format=luks", "encrypt.format=aes"])
+def test_encrypted_creation_is_refused_and_writes_nothing(tmp_path, option):
+    """We create no encrypted images: asked for one, we refuse (exit 1, as qemu-img without a
+    key secret) rather than create a plain image."""
+    ours = _run_ours(["-f", "qcow2", "-o", option, "t.qcow2", "1M"], tmp_path)
+    assert ours.returncode == 1
+    assert ours.stderr == ("qcow2-tool: t.qcow2: encryption is not supported (qcow2-tool creates "
+                           "unencrypted images)\n")
+    assert not (tmp_path / "t.qcow2").exists()
 
 
 @pytest.mark.parametrize("argv", CLI_CASES)
