@@ -408,8 +408,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     """Options and operands in any order after the command, as qemu-img's getopt takes them
     (``create IMG -o cluster_size=512 1G``): the command's own parser reads them intermixed."""
     command = parser.commands.get(argv[0]) if argv else None
-    if command is None:
-        return parser.parse_args(argv)        # help, version, or the error for a bad command
+    if command is None or "--" in argv:
+        # help, version, the error for a bad command; or "--" before a name that starts with
+        # "-", which parse_intermixed_args loses (operands then come after the options anyway)
+        return parser.parse_args(argv)
     args = command.parse_intermixed_args(argv[1:])
     args.command = argv[0]
     return args

@@ -238,25 +238,38 @@ class Refcounts(RefcountReader):
         for index, count in pending:
             self.add(index, -count)
 
-    def unlink_idle_blocks(self) -> None:
-        """Unlink every refcount block that counts nothing but itself (QEMU does so after a
-        shrink, so that the file's tail can go): its reftable entry is zeroed on disk, then the
-        block is forgotten; its cluster, covered by no block now, is free.  Consistent at every
-        step.  The caller has flushed the caches.  O(refcount blocks) block reads."""
-        entries, bits = self._entries, self._cluster_bits
+    def unlink_idle_blocks(self, barrier: Callable[[], None]) -> None:
+        """Unlink every refcount block that counts nothing but, maybe, itself (QEMU does so after
+        a shrink, so that the file's tail can go): the reftable entries are zeroed on disk and
+        made durable by ``barrier()`` before anything else changes, then the blocks are
+        forgotten; a block that counted itself leaves its cluster covered by no block (free); one
+        stored elsewhere gets its refcount decrement queued (applied with the next write-back, a
+        crash before it only leaks).  The caller has flushed the caches.  O(refcount blocks)
+        block reads."""
+        entries, bits, cs = self._entries, self._cluster_bits, self._cluster_size
+        unlinked = []
         for r, entry in enumerate(self.reftable):
             offset = entry & C.REFT_OFFSET_MASK
-            k = offset >> bits
-            if not offset or offset & (self._cluster_size - 1) or k // entries != r:
+            if not offset or offset & (cs - 1):
                 continue
+            k = offset >> bits
             block = self._blocks.load(offset)
-            if block[k % entries] == 1 and block.count(0) == entries - 1:
+            own = block[k % entries] if k // entries == r else 0
+            if own in (0, 1) and block.count(0) == entries - own:
                 self.reftable[r] = 0
                 self._write_reftable_entry(r)
-                self._blocks.forget(offset)
-                if self._guard is not None:
-                    self._guard.leave(offset, self._cluster_size, OL_REFCOUNT_BLOCK)
-                self.free_hint = min(self.free_hint, k)
+                unlinked.append((offset, own))
+        if not unlinked:
+            return
+        barrier()
+        for offset, own in unlinked:
+            self._blocks.forget(offset)
+            if self._guard is not None:
+                self._guard.leave(offset, cs, OL_REFCOUNT_BLOCK)
+            if own:
+                self.free_hint = min(self.free_hint, offset >> bits)
+            else:
+                self.decref(offset >> bits)
 
     # -- allocation ----------------------------------------------------------------------------------
     def _is_free(self, cluster_index: int) -> bool:

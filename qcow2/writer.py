@@ -626,8 +626,8 @@ class Writer:
                 self.write_zeroes(old_size, zero_end - old_size, False)
             if preallocation != "off" and new_size > old_size:
                 self.preallocate(preallocation, -(-old_size // self.cluster_size))
-            if self.has_data_file and self.data.size < new_size:
-                self.data.truncate(new_size)       # grown with the disk (never cut when growing)
+            if self.has_data_file and preallocation == "off":
+                self.data.truncate(new_size)       # as QEMU: the data file ends with the disk
             self.flush_metadata()
             self._barrier()
             img._update_header(size=new_size)
@@ -653,7 +653,8 @@ class Writer:
                     img._guard.leave(l2_offset, cs, OL_ACTIVE_L2)
                 self.refcounts.decref(l2_offset >> bits)
         self.flush_metadata()
-        self.refcounts.unlink_idle_blocks()
+        self.refcounts.unlink_idle_blocks(self._barrier)
+        self.flush_metadata()                # the decrements of blocks stored elsewhere
         self._cut_tail()
 
     def _cut_tail(self) -> None:
@@ -664,6 +665,7 @@ class Writer:
         end = (self.refcounts.last_used(-(-size // cs)) + 1) * cs
         guard = self.img._guard
         if end < size and (guard is None or not guard.overlaps(end, size - end)):
+            self._barrier()                  # what unlinked the tail is durable before it goes
             self.file.truncate(end)
 
     def _drop(self, a: int, b: int) -> None:
@@ -740,7 +742,7 @@ class Writer:
                 if entry & (_MASK | _COMPRESSED):
                     self._release(entry)
             self.l2_cache.mark_dirty(l2_offset, table)
-            end = min(host + n * cs, img.size) if self.has_data_file else host + n * cs
+            end = host + n * cs                  # whole clusters, in a data file too (QEMU's)
             if mode == "metadata" and end > self.data.size:
                 self.data.truncate(end)          # the clusters exist in the file (as holes)
             elif mode == "falloc":

@@ -776,3 +776,21 @@ def test_open_and_argument_errors_in_qemus_words(capsys, tmp_path, argv):
         q = qemu(*argv)
         q = (q[0], q[1], q[2].replace("qemu-img", "qcow2-tool"))
     assert tool(capsys, *argv) == q
+
+
+@pytest.mark.parametrize("argv", [["info", "--", "{img}"], ["check", "--", "{img}"],
+                                  ["map", "--output=json", "--", "{img}"],
+                                  ["io", "-c", "read 0 1", "--", "{img}"]])
+def test_double_dash_before_a_name_starting_with_a_dash(capsys, tmp_path, monkeypatch, argv):
+    """``--`` ends the options, as for qemu-img, also now that options and operands may be
+    intermixed (found by a review: the name after ``--`` was lost)."""
+    monkeypatch.chdir(tmp_path)
+    create("./-img.qcow2", "1M")
+    argv = [a.format(img="-img.qcow2") for a in argv]
+    status, out, err = tool(capsys, *argv)
+    assert (status, err) == (0, "")
+    if argv[0] == "io":
+        q = qemu("-c", "read 0 1", "--", "-img.qcow2", prog=QEMU_IO)
+        assert untimed(out) == untimed(q[1])
+    else:
+        assert out == qemu(*argv)[1]

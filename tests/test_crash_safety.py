@@ -229,10 +229,13 @@ def _run_resize(img, mark) -> None:
     mark("grow to 4 MiB: the L1 table moves; the backing file is hidden")
     img.pwrite(_noise(1000, 43), 3 * MiB + 100)
     mark("write in the grown area")
+    img.pwrite(_noise(400 * KiB, 45), 1 * MiB)
+    mark("400 KiB more: the file grows past refcount blocks that count only themselves")
     img.flush()
     mark("flush", durable=True)
     img.resize(128 * KiB, shrink=True)
-    mark("shrink to 128 KiB: clusters and L2 tables past the end freed")
+    mark("shrink to 128 KiB: clusters and L2 tables past the end freed, idle refcount blocks "
+         "unlinked, the file's tail cut")
     img.resize(1 * MiB)
     mark("grow to 1 MiB again: zeros over the backing file")
     img.pwrite(_noise(3000, 44), 900 * KiB)
@@ -345,8 +348,8 @@ WORKLOADS = {
                                   {"data": 3, "L2": 3, "refblock": 2}),
     "compressed": Workload(_setup_compressed, _run_compressed, {"data": 6, "L2": 2,
                                                                 "refblock": 2}),
-    "resize": Workload(_setup_resize, _run_resize, {"data": 3, "L2": 10, "L1": 2, "header": 4,
-                                                    "refblock": 2},
+    "resize": Workload(_setup_resize, _run_resize, {"data": 4, "L2": 10, "L1": 2, "header": 4,
+                                                    "refblock": 2, "reftable": 2, "truncate": 1},
                        header_changes=frozenset({"size", "l1_size", "l1_table_offset"})),
     "snapshot-shared-l2": Workload(_setup_snapshot, _run_snapshot,
                                    {"data": 4, "L2": 3, "L1": 1, "refblock": 2},
