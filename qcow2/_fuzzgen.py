@@ -298,7 +298,8 @@ def build_image(size: int, options: dict, steps=(), *, backing: tuple[BackingLay
     ``backing_file`` must name the top layer of ``backing``; a ``data_file`` is a relative name),
     apply ``steps`` (:class:`Op` / :class:`SnapshotStep`), close it, and return its bytes with
     the model of its guest data.  A snapshot that cannot be taken (refcount overflow, zero-sized
-    disk, external data file) is left out of the returned steps."""
+    disk, external data file) is left out of the returned steps; a resize of a v2 image with
+    snapshots (refused, as by QEMU) ends the recipe there."""
     from .create import create
     from .image import Image
     with _scratch() as directory:
@@ -325,6 +326,8 @@ def build_image(size: int, options: dict, steps=(), *, backing: tuple[BackingLay
                         img.close()
                         img = Image(path, "r+")
                     else:
+                        if step.kind == "resize" and version < 3 and img.snapshots:
+                            break        # refused by QEMU; the later steps assumed the new size
                         step.apply(img)
                         step.apply_model(model, cluster_size=img.cluster_size, version=version,
                                          backing=below, data_file_raw=raw)
