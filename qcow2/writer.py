@@ -565,9 +565,15 @@ class Writer:
     def _store_compressed(self, guest_offset: int, comp: bytes) -> None:
         cs, bits, e = self.cluster_size, self.cluster_bits, self.l2_entries
         host = self._compressed_next
-        if host and host & (cs - 1) and (host & (cs - 1)) + len(comp) <= cs \
-                and self.refcounts.can_add(host >> bits):
-            self.refcounts.add(host >> bits, 1)   # one more compressed cluster shares it
+        if host and host & (cs - 1) and self.refcounts.can_add(host >> bits):
+            if (host & (cs - 1)) + len(comp) <= cs:
+                self.refcounts.add(host >> bits, 1)   # one more compressed cluster shares it
+            else:
+                fresh = self.refcounts.alloc(1, "compressed cluster")
+                if fresh == (host | (cs - 1)) + 1:    # contiguous: straddle the two, as QEMU
+                    self.refcounts.add(host >> bits, 1)
+                else:
+                    host = fresh
         else:
             host = self.refcounts.alloc(1, "compressed cluster")
         self._compressed_next = host + len(comp)

@@ -90,6 +90,26 @@ def test_qcow2_to_qcow2_compressed_zstd(tmp_path):
     assert info["format-specific"]["data"]["compression-type"] == "zstd"
 
 
+@pytest.mark.parametrize("cluster_size", [512, 4096, 65536])
+def test_compressed_clusters_packed_as_densely_as_qemu_img(tmp_path, cluster_size):
+    """Compressed clusters follow each other byte by byte, straddling two host clusters where the
+    next one is contiguous, as QEMU packs them (found by a new-user review: we started a new host
+    cluster whenever one did not fit, and 4 KiB-cluster files came out ~45% larger)."""
+    src = tmp_path / "src.raw"
+    text = b"".join(b"line %d: the quick brown fox jumps over the lazy dog\n" % i
+                    for i in range(40000))
+    src.write_bytes(os.urandom(256 << 10) + text)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    options = f"cluster_size={cluster_size}"
+    assert _ours("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", options, str(src),
+                 str(ours))[0] == 0
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", options, str(src), str(theirs))
+    assert qemu_img("check", str(ours)).returncode == 0
+    assert qemu_img("compare", str(ours), str(theirs)).returncode == 0
+    # qemu-img pads the file to a whole cluster at the end (or one more); the rest is the same
+    assert os.path.getsize(ours) <= os.path.getsize(theirs) <= os.path.getsize(ours) + cluster_size
+
+
 def test_snapshot_to_qcow2(tmp_path):
     src = tmp_path / "src.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(src), "2M")
