@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import constants as C
 from .errors import OverlapError, Qcow2Error
+from .overlap_types import OL_SNAPSHOT_TABLE
 from .refcount import Refcounts
 from .snapshot import SnapshotEntry, encode_snapshot_table
 from .snapshot_table import (SnapshotReadError, SnapshotTableError, overhanging_hint,
@@ -185,7 +186,9 @@ def rewrite_snapshot_table(img: "Image", say: Callable[[str], None]) -> None:
             say("ERROR failed to update snapshot table: Input/output error")
             raise RewriteFailed() from None
         img._file.flush()
-    img._update_header(nb_snapshots=len(entries), snapshots_offset=new_offset)
+    # the old table may be the header itself (snapshots_offset 0, QEMU writes over it too)
+    img._update_header(nb_snapshots=len(entries), snapshots_offset=new_offset,
+                       _may_overlap=OL_SNAPSHOT_TABLE)
     img.snapshots = tuple(entries)
     img.snapshots_size = len(data)
     _free_old_table(refcounts, old_offset, old_size, cs, say)

@@ -41,7 +41,7 @@ from .errors import (BackingError, CorruptImageError, FormatError, OverlapError,
                      ReadOnlyError, RequestError, UnsupportedError)
 from .bitmap import BitmapDirectoryEntry, decode_bitmap_directory
 from .header import decode_header, encode_header_fields
-from .overlap_types import OL_ALL_TYPES, OL_MASK_LIMIT, parse_overlap_check
+from .overlap_types import OL_MAIN_HEADER, OL_MASK_LIMIT, parse_overlap_check
 from .snapshot import SnapshotEntry
 from .snapshot_table import read_snapshot_table, table_location_valid
 from .storage import Storage
@@ -489,13 +489,12 @@ class Image(_Qcow2Reader):
             self.signal_corruption("Could not repair dirty image: "
                                    f"{result.corruptions} corruptions remain")
 
-    def _update_header(self, **fields) -> None:
+    def _update_header(self, *, _may_overlap: int = 0, **fields) -> None:
         """Rewrite header fields in place (one write of the fixed part; extensions untouched).
-        The write may overlap any type: the header is at offset 0 whatever else a damaged image
-        claims lives there (a snapshot table at offset 0, say), and QEMU does not check its header
-        writes either — refusing would make such damage unrepairable."""
+        ``_may_overlap``: more types the write may overlap (a repair that moves a snapshot table
+        a damaged header placed at offset 0 rewrites the header over it)."""
         new = self.header.replace(**fields)
-        self._file.pwrite(encode_header_fields(new), 0, ign=OL_ALL_TYPES)
+        self._file.pwrite(encode_header_fields(new), 0, ign=OL_MAIN_HEADER | _may_overlap)
         self.header = new
 
     def _mark_consistent(self) -> None:

@@ -182,3 +182,22 @@ def test_freeing_a_table_that_had_no_refcount(tmp_path, layout):
         qemu.qemu_io(theirs, "write -P 0x55 0 4k")
         ref = json.loads(qemu.qemu_img("check", "--output=json", theirs, check=False).stdout)
         assert ref.get("corruptions", 0) == 0 and ref.get("leaks") == 1
+
+
+def test_header_rewrite_over_a_snapshot_table_at_offset_0_is_refused(tmp_path):
+    """Found by fuzzing (nb_snapshots 0 -> 2 with snapshots_offset 0: the "snapshot table" is the
+    header).  A header rewrite outside a snapshot-table repair must not overlap it: it would
+    rewrite the snapshot entries too (here pointing a snapshot L1 at the refcount block, which the
+    next refcount update then wrote over).  The resize is refused as an overlap and the image
+    marked corrupt; only a repair, which moves the table away, rewrites the header over it."""
+    path = str(tmp_path / "img.qcow2")
+    qcow2.create(path, 0, cluster_size=512, compat="1.1", refcount_bits=1).close()
+    poke(path, 60, ">I", 2)
+    with Image(path, "r+", overlap_check="all") as img:
+        with pytest.raises(OverlapError, match="overlaps with snapshot table"):
+            img.resize(512)
+        assert img.corrupt
+    with open(path, "rb") as f:
+        head = f.read(104)
+    assert struct.unpack_from(">Q", head, 24)[0] == 0          # the size was not rewritten
+    assert struct.unpack_from(">Q", head, 72)[0] & C.INCOMPAT_CORRUPT
