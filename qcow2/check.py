@@ -353,18 +353,22 @@ class _Checker:
         path reports it)."""
         cs, bits = self.cs, self.bits
         counts, cmax = counter.counts, counter.max
-        runs = []
-        ascending = True
-        start = prev = offsets[0]
-        for offset in offsets[1:]:
-            if offset != prev + cs:
-                runs.append((start >> bits, ((prev - start) >> bits) + 1))
-                ascending = ascending and offset > prev
-                start = offset
-            prev = offset
-        runs.append((start >> bits, ((prev - start) >> bits) + 1))
-        if not ascending and len(set(offsets)) != len(offsets):
-            return False              # a cluster twice in one table: counted one by one
+        first = offsets[0]
+        if offsets == list(range(first, first + len(offsets) * cs, cs)):
+            runs = [(first >> bits, len(offsets))]       # one run, the usual table: C-level test
+        else:
+            runs = []
+            ascending = True
+            start = prev = first
+            for offset in offsets[1:]:
+                if offset != prev + cs:
+                    runs.append((start >> bits, ((prev - start) >> bits) + 1))
+                    ascending = ascending and offset > prev
+                    start = offset
+                prev = offset
+            runs.append((start >> bits, ((prev - start) >> bits) + 1))
+            if not ascending and len(set(offsets)) != len(offsets):
+                return False          # a cluster twice in one table: counted one by one
         if any(max(counts[k0:k0 + n]) >= cmax for k0, n in runs):
             return False
         for k0, n in runs:

@@ -73,16 +73,17 @@ def cmd_check(args) -> int:
     if args.overlap_check not in ("none", "constant", "cached", "all"):
         raise CliError(f"Invalid --overlap-check value '{args.overlap_check}': use none, "
                        "constant, cached or all")
-    if args.format != "raw":
-        _check_format(args.filename, args.format)
     # A raw file (probed, or -f raw) is "not checkable", once it opens; with -f qcow2 qemu-img
     # opens the file as qcow2, and a bad magic is an open error, exit 1 (found by fuzzing)
     if args.format in (None, "raw"):
         try:
-            if probe_format(args.filename) != "qcow2" or args.format == "raw":
-                raise CliError("This image format does not support checks", status=63)
+            probed = probe_format(args.filename)
         except Qcow2Error as e:
             raise CliError(f"Could not open '{args.filename}': {e}") from None
+        if args.format == "raw" or probed != "qcow2":
+            raise CliError("This image format does not support checks", status=63)
+    else:
+        _check_format(args.filename, args.format)
     events_file = _EventsFile(args.events) if args.events else None
     try:
         emitter = EventEmitter(json_lines_writer(events_file or sys.stderr))

@@ -244,10 +244,7 @@ def _give_size(path: str, o: CreateOptions, cache: str) -> None:
                 _layer_only=True)
     try:
         with img._lock:
-            img._writer.resize(o.size, False, hide_backing=False)
-            mode = "metadata" if o.data_file_raw and o.preallocation == "off" else o.preallocation
-            if mode != "off":
-                img._writer.preallocate(mode)
+            img._writer.resize(o.size, False, hide_backing=False, preallocation=o.preallocation)
         img.flush()
     finally:
         img.close()

@@ -659,8 +659,6 @@ class Image(_Qcow2Reader):
             if self.snapshots and self.header.version < 3:
                 # a v2 snapshot table records no disk size: a snapshot would take the new one
                 raise UnsupportedError("Can't resize a v2 image which has snapshots")
-            if self.header.data_file_raw and preallocation == "off":
-                preallocation = "metadata"     # the raw data file stays mapped 1:1, as QEMU keeps it
             self._writer.resize(size, shrink, preallocation=preallocation)
 
     def flush(self) -> None:

@@ -600,8 +600,12 @@ class Writer:
         """Grow (L1 table grown and moved if needed) or shrink (clusters past the end freed).
         Grown space reads as zeros, also where a backing file could show through, unless
         ``hide_backing`` is False (a new image).  ``preallocation`` (``metadata``, ``falloc``,
-        ``full``) maps the clusters wholly in the grown space, as :meth:`preallocate` does."""
+        ``full``) maps the clusters wholly in the grown space, as :meth:`preallocate` does; with a
+        raw data file ``off`` means ``metadata`` (the data file stays mapped 1:1, as QEMU keeps
+        it, at create and at every growth)."""
         img = self.img
+        if img.header.data_file_raw and preallocation == "off":
+            preallocation = "metadata"
         old_size = img.size
         bits, e = self.cluster_bits, self.l2_entries
         span = e << bits
@@ -643,7 +647,7 @@ class Writer:
 
     def _shrink(self, new_size: int, old_size: int, need_l1: int) -> None:
         img = self.img
-        cs, bits, e = self.cluster_size, self.cluster_bits, self.l2_entries
+        cs, bits = self.cluster_size, self.cluster_bits
         first_free = -(-new_size // cs) << bits
         if first_free < old_size:
             end = -(-old_size // cs) * cs
@@ -727,13 +731,13 @@ class Writer:
 
 
     # -- preallocation ---------------------------------------------------------------------------
-    def preallocate(self, mode: str, first_cluster: int = 0) -> None:
+    def preallocate(self, mode: str, first_cluster: int) -> None:
         """Map every guest cluster from ``first_cluster`` to the end (``metadata``), and reserve
         (``falloc``) or zero-fill (``full``) its host space; one L2 table at a time, entries set
         by slice assignment (what they mapped before is released).  Data clusters in an external
         data file map to the same offset there."""
         img = self.img
-        bits, e, cs = self.cluster_bits, self.l2_entries, self.cluster_size
+        e, cs = self.l2_entries, self.cluster_size
         nb_clusters = -(-img.size // cs)
         width = 2 if self.extended else 1
         for l1_index in range(first_cluster // e, -(-nb_clusters // e)):
