@@ -45,7 +45,7 @@ from . import constants as C
 from .errors import Qcow2Error
 from .header import Header, decode_header
 from .snapshot import SnapshotEntry, decode_snapshot_table, encode_snapshot_table, snapshot_table_size
-from .tables import decode_compressed, decode_refblock, decode_u64_table, encode_u64_table
+from .tables import decode_compressed, decode_u64_table, encode_u64_table
 
 __all__ = ["Op", "SnapshotStep", "GeneratedImage", "BackingLayer", "build_image", "build_chain",
            "take_internal_snapshot", "Region", "TableEntry", "Layout", "metadata_layout",

@@ -28,13 +28,12 @@ is not zero.
 from __future__ import annotations
 
 import array
-import threading
 from typing import TYPE_CHECKING, Callable
 
 from .units import c_hex
 from . import constants as C
 from .cache import TableCache
-from .errors import CorruptImageError, Qcow2Error
+from .errors import Qcow2Error
 from .header import Header
 from .overlap_types import OL_REFCOUNT_BLOCK, OL_REFCOUNT_TABLE
 from .storage import Storage
@@ -109,7 +108,6 @@ class RefcountReader:
             part = block[:n]
             count += n - part.count(0)
         return count
-
 
     def last_used(self, nb_clusters: int) -> int:
         """The highest cluster index below ``nb_clusters`` with a non-zero refcount (-1: none).

@@ -17,7 +17,6 @@ import tempfile
 import tracemalloc
 from dataclasses import dataclass
 
-import qcow2
 from qcow2 import cli
 from qcow2._fuzzgen import KIND_TO_OL, scratch_directory
 from qcow2.check import check_image

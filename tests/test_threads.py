@@ -21,7 +21,6 @@ caches, the guard map equal to one rebuilt from the metadata), ``qemu-img check`
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 import threading
